@@ -1,0 +1,500 @@
+"""Stage 2 of CMD: content-frame diffusion (text -> content frame).
+
+The autoencoder (ae.py) turns each video into a content frame, a weighted sum of its
+frames that lives in the same space as one frame: an image (tiny preset) or a Stable
+Diffusion latent (paper preset). Because it looks like an image, the paper generates it
+by fine-tuning a pretrained text-to-image model, Stable Diffusion, with no new
+parameters (CMD, arXiv 2403.14148, "content frame diffusion"). This file holds:
+
+  1. the frozen OpenCLIP text encoder of SD 2.x (open_clip_torch),
+  2. the SD UNet (diffusers), or a tiny UNet trained from scratch on pixel frames,
+  3. hand-written diffusion maths: noise schedule, training loss, DDIM sampler with
+     classifier-free guidance. motion.py and sample.py reuse them, so they work on
+     tensors of any shape (b ...), not only images,
+  4. presets, and the training main().
+
+Run it:
+  python content.py                                      # tiny preset, CPU, minutes
+  python content.py --preset paper --text-weights open_clip_vit_h14.bin --data webvid.csv --cache
+  torchrun --nproc_per_node 8 content.py --preset paper --text-weights open_clip_vit_h14.bin ...
+"""
+import argparse
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from open_clip.transformer import TextTransformer
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from ae import PRESETS as AE_PRESETS
+from ae import cache_latents, encode_videos, load_ae
+from data import (add_training_args, count_flops, load_stage, make_dataset, save_safetensors_atomic,
+                  setup_distributed, train, video_to_uint8, write_image, write_json_atomic)
+
+# -----------------------------------------------------------------------------
+# 1. Text encoder: OpenCLIP text tower, used the way Stable Diffusion 2.x uses it
+
+# Same format as open_clip.get_model_config("ViT-H-14"), at toy size. The vocabulary stays
+# CLIP's (49408) because the tokenizer is CLIP's; 77 tokens is the context SD expects.
+TINY_TEXT_CONFIG = {"embed_dim": 64,
+                    "text_cfg": {"context_length": 77, "vocab_size": 49408,
+                                 "width": 64, "heads": 4, "layers": 2}}
+
+
+class TextEncoder(nn.Module):
+    """Frozen CLIP text tower: prompts -> (tokens (B, 77, width), pooled (B, embed_dim)).
+
+    tokens: output of the penultimate transformer block, then the final LayerNorm. This is
+      what SD 2.x cross-attends to (its UNet was trained on exactly these features).
+    pooled: the usual CLIP text embedding (last block, final LayerNorm, end-of-text token,
+      text_projection). SD's UNet ignores it; the motion DiT uses it as a global condition.
+    Only the text tower is built (no vision tower), straight from an open_clip model config.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config  # {"embed_dim": ..., "text_cfg": {...}}, as open_clip's model configs
+        if config["text_cfg"]["layers"] < 2:
+            raise ValueError("the text tower needs >= 2 layers: SD reads the penultimate one")
+        self.text = TextTransformer(output_dim=config["embed_dim"], **config["text_cfg"])
+        self.tokenizer = open_clip.SimpleTokenizer(context_length=self.text.context_length)
+        self.width, self.embed_dim = self.text.width, config["embed_dim"]
+        self.requires_grad_(False).eval()  # frozen, as when SD 2.x was trained
+
+    def tokenize(self, prompts):
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts must be a list of str, got {prompts!r}")
+        n = self.text.context_length
+        for p in prompts:
+            if p and not p.strip():
+                raise ValueError(f"blank prompt {p!r}: use '' for the unconditional prompt")
+            length = len(self.tokenizer.encode(p)) + 2  # + start and end-of-text tokens
+            if length > n:
+                warnings.warn(f"prompt of {length} tokens truncated to {n}: {p[:60]!r}...")
+        return self.tokenizer(prompts)  # (B, 77) int64, zero-padded, truncated to 77
+
+    @torch.no_grad()
+    def forward(self, prompts):
+        t = self.text
+        ids = self.tokenize(prompts).to(t.positional_embedding.device)
+        x = t.token_embedding(ids) + t.positional_embedding  # (B, 77, width)
+        for block in t.transformer.resblocks[:-1]:
+            x = block(x, attn_mask=t.attn_mask)  # causal mask, as CLIP was trained
+        tokens = t.ln_final(x)  # SD 2.x: layer="penultimate"
+        x = t.ln_final(t.transformer.resblocks[-1](x, attn_mask=t.attn_mask))
+        eot = ids.argmax(dim=-1)  # end-of-text has the largest id in CLIP's vocabulary
+        pooled = x[torch.arange(len(ids), device=x.device), eot] @ t.text_projection
+        return tokens, pooled
+
+
+def load_open_clip_text_weights(te, path):
+    """Fill te's text tower from an open_clip checkpoint file (.bin/.pt/.safetensors)."""
+    # open_clip's loader unwraps {"state_dict": ...} and DDP's "module." prefixes.
+    state = open_clip.factory.load_state_dict(str(path))
+    # CLIP checkpoints (ViT-H-14) keep the text tower at the top level, next to "visual.*";
+    # CustomTextCLIP ones put it under "text.".
+    state = {k.removeprefix("text."): v for k, v in state.items()}
+    wanted = te.text.state_dict().keys()
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        raise ValueError(f"{path} holds no open_clip text tower of this config: "
+                         f"missing {missing[:4]} ({len(missing)} keys)")
+    te.text.load_state_dict({k: state[k] for k in wanted})
+    return te
+
+
+def build_text_encoder(name="tiny", weights=None, pretrained=None, seed=0):
+    """'tiny': a random frozen tower (fixed seed). Otherwise an open_clip model name
+    (paper: 'ViT-H-14') loaded from a local checkpoint `weights`, or downloaded by open_clip
+    from its `pretrained` tag (e.g. 'laion2b_s32b_b79k', the one SD 2.x was trained with)."""
+    if name == "tiny":
+        with torch.random.fork_rng(devices=[]):  # same weights every time, global RNG untouched
+            torch.manual_seed(seed)
+            return TextEncoder(TINY_TEXT_CONFIG)
+    config = open_clip.get_model_config(name)
+    if config is None:
+        raise ValueError(f"unknown open_clip model {name!r}")
+    if pretrained:
+        tag = open_clip.get_pretrained_cfg(name, pretrained)
+        if not tag:
+            raise ValueError(f"open_clip has no pretrained {pretrained!r} for {name}; it has "
+                             f"{open_clip.list_pretrained_tags_by_model(name)}")
+        weights = open_clip.download_pretrained(tag)
+    if weights is None:
+        raise ValueError(f"{name} needs weights: a local open_clip checkpoint (--text-weights) "
+                         "or an open_clip pretrained tag (needs network)")
+    return load_open_clip_text_weights(TextEncoder(config), weights)
+
+
+def save_text_encoder(te, run_dir):
+    """Config + weights into run_dir, so the run reloads the exact same text features."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "text_encoder.json", te.config)
+    save_safetensors_atomic(run_dir / "text_encoder.safetensors", te.text.state_dict())
+
+
+def load_text_encoder(run_dir):
+    run_dir = Path(run_dir)
+    config_path, weights_path = run_dir / "text_encoder.json", run_dir / "text_encoder.safetensors"
+    if not (config_path.is_file() and weights_path.is_file()):
+        raise FileNotFoundError(f"{run_dir} has no saved text encoder "
+                                "(text_encoder.json + text_encoder.safetensors)")
+    te = TextEncoder(json.loads(config_path.read_text()))
+    te.text.load_state_dict(load_file(weights_path))
+    return te
+
+
+# -----------------------------------------------------------------------------
+# 2. Content UNet: Stable Diffusion's, through diffusers (or a tiny one)
+
+# Stable Diffusion 2.1's UNet (unet/config.json of stabilityai/stable-diffusion-2-1), so the
+# full model builds on the `meta` device without a download: 865,910,724 parameters.
+SD21_UNET_CONFIG = dict(
+    sample_size=96,  # 768 px / 8; the UNet is convolutional, the paper runs it at 64x128
+    in_channels=4, out_channels=4,  # SD-VAE latents
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    attention_head_dim=(5, 10, 20, 20),  # diffusers' historical name: the number of heads
+    cross_attention_dim=1024,  # = OpenCLIP ViT-H/14 text width
+    use_linear_projection=True, upcast_attention=True,
+)
+
+
+def tiny_unet(cross_attention_dim, sample_size=32, in_channels=3):
+    """A small UNet of SD's design, trained from scratch on pixel content frames."""
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
+        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
+        # no attention at full resolution: 32x32 = 1024 tokens is the costly part on a CPU
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=8,  # 8 heads (see SD21_UNET_CONFIG)
+        cross_attention_dim=cross_attention_dim,
+    )
+
+
+def load_sd_unet(path_or_id):
+    """Stable Diffusion's UNet and its training noise schedule, from a diffusers folder or hub id.
+
+    Returns (unet, schedule) where schedule holds the keyword arguments of Diffusion.
+    """
+    if os.path.isdir(path_or_id):
+        for need in ("unet/config.json", "scheduler/scheduler_config.json"):
+            if not (Path(path_or_id) / need).is_file():
+                raise FileNotFoundError(
+                    f"{path_or_id} is not a Stable Diffusion folder: it lacks {need}. An SD folder "
+                    "(diffusers layout, e.g. a download of stabilityai/stable-diffusion-2-1) holds "
+                    "unet/config.json, unet/diffusion_pytorch_model.safetensors and "
+                    "scheduler/scheduler_config.json")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path_or_id, subfolder="unet")
+        config = DDIMScheduler.load_config(path_or_id, subfolder="scheduler")
+    except OSError as e:
+        where = "local folder" if os.path.isdir(path_or_id) else "no local folder; Hugging Face hub"
+        raise OSError(f"could not load Stable Diffusion from {path_or_id!r} ({where}): {e}") from e
+    if config.get("beta_schedule") != "scaled_linear":
+        raise ValueError(f"{path_or_id}: beta_schedule {config.get('beta_schedule')!r}; "
+                         "Diffusion implements SD's 'scaled_linear' only")
+    schedule = dict(prediction_type=config.get("prediction_type", "epsilon"),  # SD 1.x: no key
+                    num_train_timesteps=config["num_train_timesteps"],
+                    beta_start=config["beta_start"], beta_end=config["beta_end"],
+                    steps_offset=config.get("steps_offset", 0))
+    return unet, schedule
+
+
+def unet_model_fn(unet):
+    """The UNet as a Diffusion model_fn(x, t, cond), cond = text tokens (B, 77, width)."""
+    return lambda x, t, tokens: unet(x, t, encoder_hidden_states=tokens).sample
+
+
+# -----------------------------------------------------------------------------
+# 3. Diffusion maths, written out (DDPM: Ho et al. 2020; DDIM: Song et al. 2021)
+#
+# Glossary, names here -> symbols of the DDIM paper (whose alpha_t is DDPM's alpha-bar_t):
+#   alphas_cumprod[t]  alpha_t          x_t = sqrt(alpha_t) x_0 + sqrt(1 - alpha_t) eps
+#   x0, eps            "predicted x_0" f(x_t) and eps_theta(x_t) of eq. 9 and 12
+#   sigma              sigma_t of eq. 16, scaled by eta (eta=0: DDIM, eta=1: DDPM)
+#   v                  v = sqrt(alpha_t) eps - sqrt(1 - alpha_t) x_0 (Salimans & Ho 2022),
+#                      what SD 2.1 (768) predicts; SD 2.1-base and SD 1.x predict eps.
+# Conditions ("cond") are a tensor or a tuple of tensors, each with the batch first.
+
+class Diffusion:
+    def __init__(self, prediction_type="epsilon", num_train_timesteps=1000,
+                 beta_start=0.00085, beta_end=0.012, steps_offset=1):
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError("prediction_type must be 'epsilon' or 'v_prediction', "
+                             f"got {prediction_type!r}")
+        self.prediction_type, self.steps_offset = prediction_type, steps_offset
+        self.num_train_timesteps = T = num_train_timesteps
+        # beta_t: SD's "scaled linear" schedule, linear in sqrt(beta) from beta_start to beta_end
+        # (float64 as in the original latent-diffusion code, stored as float32)
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+        self.betas = betas.float()
+        # alpha_t (DDIM) = alpha-bar_t (DDPM) = prod_{s<=t} (1 - beta_s)
+        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0).float()
+        self._alphas_cumprod_on = {}  # device -> a copy there, made once, not at every DDIM step
+
+    def _at(self, t, x):
+        """alphas_cumprod[t] (t: int or (B,) tensor on x's device), shaped to broadcast against x (B, ...)."""
+        if x.device not in self._alphas_cumprod_on:
+            self._alphas_cumprod_on[x.device] = self.alphas_cumprod.to(x.device)
+        a = self._alphas_cumprod_on[x.device][t]
+        return a.to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+
+    def q_sample(self, x0, t, noise):
+        """x_t ~ q(x_t | x_0): sqrt(alpha_t) x_0 + sqrt(1 - alpha_t) eps (DDIM eq. 4)."""
+        a = self._at(t, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def training_target(self, x0, noise, t):
+        """The network's regression target: eps, or v = sqrt(alpha_t) eps - sqrt(1-alpha_t) x_0."""
+        if self.prediction_type == "epsilon":
+            return noise
+        a = self._at(t, x0)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    def predict_x0_eps(self, model_output, x_t, t):
+        """Model output at (x_t, t) -> (predicted x_0, predicted eps)."""
+        a = self._at(t, x_t)
+        if self.prediction_type == "epsilon":
+            eps = model_output
+            x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()  # DDIM eq. 9
+        else:
+            x0 = a.sqrt() * x_t - (1 - a).sqrt() * model_output
+            eps = a.sqrt() * model_output + (1 - a).sqrt() * x_t
+        return x0, eps
+
+    def loss(self, model_fn, x0, cond):
+        """Simple diffusion loss (DDPM eq. 14, or its v form): MSE on the target at uniform t."""
+        t = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        prediction = model_fn(self.q_sample(x0, t, noise), t, cond)
+        return F.mse_loss(prediction.float(), self.training_target(x0, noise, t).float())
+
+    def ddim_timesteps(self, steps):
+        """SD's "leading" spacing: steps_offset + [0, T/steps, 2T/steps, ...], reversed."""
+        if not 0 < steps < self.num_train_timesteps:
+            raise ValueError(f"steps must be in [1, {self.num_train_timesteps}), got {steps}")
+        ratio = self.num_train_timesteps // steps
+        return [i * ratio + self.steps_offset for i in reversed(range(steps))]
+
+    def ddim_step(self, model_output, t, x_t, steps, eta=0.0, noise=None):
+        """One DDIM update x_t -> x_{t-1} (DDIM eq. 12); noise ~ N(0, I) is needed when eta > 0."""
+        # 1. previous timestep: one stride of the `steps`-step schedule back
+        prev_t = t - self.num_train_timesteps // steps
+        # 2. alpha_t and alpha_{t-1}; the last step goes to alphas_cumprod[0], not to 1
+        #    (SD's "set_alpha_to_one=False")
+        a_t = self.alphas_cumprod[t].item()
+        a_prev = self.alphas_cumprod[max(prev_t, 0)].item()
+        # 3. predicted x_0 ("predicted x_0" term of eq. 12) and eps; SD samples without clipping x_0
+        x0, eps = self.predict_x0_eps(model_output.float(), x_t, t)
+        # 4. sigma_t (eq. 16) = eta sqrt((1-alpha_{t-1})/(1-alpha_t)) sqrt(1-alpha_t/alpha_{t-1})
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        # 5. "direction pointing to x_t" of eq. 12
+        direction = (1 - a_prev - sigma ** 2) ** 0.5 * eps
+        # 6. x_{t-1} = sqrt(alpha_{t-1}) * predicted x_0 + direction + sigma_t * noise (eq. 12)
+        x_prev = a_prev ** 0.5 * x0 + direction
+        if eta > 0:
+            x_prev = x_prev + sigma * noise
+        return x_prev
+
+    @torch.no_grad()
+    def ddim_sample(self, model_fn, shape, cond, uncond=None, steps=50, cfg_scale=1.0,
+                    eta=0.0, generator=None, progress=True, desc="DDIM"):
+        """Sample x_0 of `shape` from x_T ~ N(0, I) with DDIM and classifier-free guidance.
+
+        model_fn(x, t, cond) -> model output. cond and uncond (e.g. the features of "") have the
+        same structure and batch size. `generator`, if given, lives on cond's device.
+        `desc` labels the progress bar.
+        """
+        device = (cond if torch.is_tensor(cond) else cond[0]).device
+        if cfg_scale == 1.0:
+            uncond = None  # no guidance: skip the unconditional half of the batch
+        x = torch.randn(shape, generator=generator, device=device)
+        for t in tqdm(self.ddim_timesteps(steps), desc=desc, disable=not progress):
+            t_batch = torch.full((shape[0],), t, device=device)
+            output = cfg_output(model_fn, x, t_batch, cond, uncond, cfg_scale)
+            noise = torch.randn(shape, generator=generator, device=device) if eta > 0 else None
+            x = self.ddim_step(output, t, x, steps, eta, noise)
+        return x
+
+
+def _cat(a, b):
+    """Concatenate two conditions (a tensor, or a tuple of tensors) along the batch."""
+    if torch.is_tensor(a):
+        return torch.cat([a, b])
+    return tuple(torch.cat([p, q]) for p, q in zip(a, b, strict=True))
+
+
+def cfg_output(model_fn, x, t, cond, uncond, scale):
+    """Classifier-free guidance (Ho & Salimans 2022): uncond + scale * (cond - uncond).
+
+    Both predictions come from one forward pass on the doubled batch.
+    """
+    if uncond is None:
+        return model_fn(x, t, cond)
+    both = model_fn(torch.cat([x, x]), torch.cat([t, t]), _cat(cond, uncond))
+    out_cond, out_uncond = both.chunk(2)
+    return out_uncond + scale * (out_cond - out_uncond)
+
+
+def drop_prompts(prompts, p, generator=None):
+    """Replace each prompt by "" with probability p, so one network also learns the
+    unconditional prediction that classifier-free guidance needs."""
+    keep = torch.rand(len(prompts), generator=generator) >= p
+    return [prompt if k else "" for prompt, k in zip(prompts, keep)]
+
+
+# -----------------------------------------------------------------------------
+# 4. Presets
+
+@dataclass
+class ContentConfig:
+    text: str = "tiny"  # "tiny" or an open_clip model name
+    text_pretrained: str | None = None  # open_clip pretrained tag (needs network)
+    sd: str | None = None  # SD folder or hub id; None: tiny UNet from scratch
+    # tiny UNet only (with `sd`, SD's scheduler config decides): v, as SD 2.1 (768) predicts;
+    # unlike eps, it stays a well-scaled target at both ends of the schedule
+    prediction_type: str = "v_prediction"
+    p_uncond: float = 0.1  # prompt dropout for classifier-free guidance (the usual 10%)
+    cfg_scale: float = 3.0  # tiny: our choice
+    sample_steps: int = 50  # paper: 50 DDIM steps
+
+
+PRESETS = {
+    "tiny": ContentConfig(),
+    "paper": ContentConfig(text="ViT-H-14", text_pretrained="laion2b_s32b_b79k",
+                           # the paper fine-tunes SD 2.1-base (App. B.3) and guides with w = 7.5 (B.4)
+                           sd="stabilityai/stable-diffusion-2-1-base", cfg_scale=7.5),
+}
+
+
+# -----------------------------------------------------------------------------
+# 5. Training: fine-tune (paper) or train (tiny) the UNet on the AE's content frames
+
+SHOWCASE_PROMPTS = [f"a {color} {shape} moving right on a dark background"
+                    for color in ("red", "green", "blue", "yellow") for shape in ("circle", "square", "triangle")]
+
+
+def text_encoder_for_run(run_dir, config, text_weights=None):
+    """The run's text encoder, shared by stages 2 and 3 and sample.py. The tiny one is random
+    and frozen, so it is saved once into the run directory and reloaded from there."""
+    if (Path(run_dir) / "text_encoder.json").is_file():
+        return load_text_encoder(run_dir)
+    te = build_text_encoder(config.text, weights=text_weights,
+                            pretrained=None if text_weights else config.text_pretrained)
+    if config.text == "tiny":
+        save_text_encoder(te, run_dir)
+    return te
+
+
+def load_content(run_dir, device="cpu", text_weights=None):
+    """A trained content stage from a run directory -> (text encoder, EMA UNet, Diffusion, config)."""
+    info, state = load_stage(run_dir, "content")
+    config = ContentConfig(**info["config"]["content"])
+    unet = UNet2DConditionModel.from_config(info["config"]["unet"])
+    unet.load_state_dict(state)
+    saved = [Path(run_dir) / f"text_encoder.{suffix}" for suffix in ("json", "safetensors")]
+    if config.text == "tiny" and not all(path.is_file() for path in saved):  # loading never writes into the run
+        raise FileNotFoundError(f"{run_dir} is incomplete: its content stage was trained with the tiny text encoder "
+                                "that training saves as text_encoder.json + text_encoder.safetensors, and they are "
+                                "missing; copy them from the run it was trained in, or train this stage again")
+    te = text_encoder_for_run(run_dir, config, text_weights or info["config"].get("text_weights"))
+    diffusion = Diffusion(**info["config"]["schedule"])
+    return te.to(device), unet.to(device).eval().requires_grad_(False), diffusion, config
+
+
+@torch.no_grad()
+def sample_content_frames(te, unet, diffusion, prompts, steps, cfg_scale, shape, generator=None, progress=True,
+                          desc="DDIM"):
+    """prompts -> content frames (B, *shape), DDIM with classifier-free guidance."""
+    cond, uncond = te(prompts)[0], te([""] * len(prompts))[0]
+    return diffusion.ddim_sample(unet_model_fn(unet), (len(prompts), *shape), cond, uncond, steps=steps,
+                                 cfg_scale=cfg_scale, generator=generator, progress=progress, desc=desc)
+
+
+def build_unet(config, frame_shape, text_width):
+    """The UNet to train and its noise schedule: Stable Diffusion's, fine-tuned as it is with
+    no new parameters (the paper), or a tiny one trained from scratch on pixel content frames."""
+    if config.sd is None:
+        return tiny_unet(text_width, frame_shape[1:], frame_shape[0]), {"prediction_type": config.prediction_type}
+    unet, schedule = load_sd_unet(config.sd)
+    if unet.config.in_channels != frame_shape[0] or unet.config.cross_attention_dim != text_width:
+        raise ValueError(f"{config.sd} takes {unet.config.in_channels}-channel frames and "
+                         f"{unet.config.cross_attention_dim}-wide text tokens; the AE makes {frame_shape[0]}-channel "
+                         f"frames and the text encoder {text_width}-wide tokens")
+    return unet, schedule
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", choices=PRESETS)
+    parser.add_argument("--data", default="shapes", help='"shapes", a CSV of path,caption, or a folder of class folders')
+    parser.add_argument("--ae", default=None, help="run directory of a trained AE (default: --out)")
+    parser.add_argument("--sd", default=None, help="Stable Diffusion folder or hub id (its unet/ and scheduler/)")
+    parser.add_argument("--text-weights", default=None, help="local open_clip checkpoint of the text encoder")
+    parser.add_argument("--cache", action="store_true", help="encode the dataset with the AE once, keep it on disk")
+    parser.add_argument("--flops", action="store_true", help="print parameters and FLOPs per step, then exit")
+    add_training_args(parser, steps=1200, batch_size=16, lr=1e-3, every=400)
+    args = parser.parse_args()
+    config = PRESETS[args.preset]
+    if args.sd is not None:
+        config.sd = args.sd
+    args.out = args.out or f"runs/{args.preset}"
+    if args.flops:  # on `meta`, at the AE preset's frame shape: no run needed
+        c = AE_PRESETS[args.preset]
+        return print_costs(config, (c.channels, c.height, c.width))
+    _, _, device = setup_distributed()
+    ae, frame_space = load_ae(args.ae or args.out, device)
+    c = ae.config
+    frame_shape = (c.channels, c.height, c.width)
+    te = text_encoder_for_run(args.out, config, args.text_weights).to(device)
+    unet, schedule = build_unet(config, frame_shape, te.width)
+    diffusion = Diffusion(**schedule)
+    dataset = make_dataset(args.data, frames=c.frames, size=c.height * (8 if c.sd else 1), seed=args.seed)
+    if args.cache:
+        dataset = cache_latents(ae, frame_space, dataset, Path(args.out) / "latents.safetensors", device)
+
+    def loss_fn(model, batch):
+        content_frame, _, captions = encode_videos(ae, frame_space, batch)
+        tokens = te(drop_prompts(captions, config.p_uncond))[0]  # CFG: 10% of prompts become ""
+        return diffusion.loss(unet_model_fn(model), content_frame, tokens)
+
+    run_config = {"content": asdict(config), "unet": dict(unet.config), "schedule": schedule,
+                  "text_weights": args.text_weights}
+    ema = train("content", unet, loss_fn, dataset, args, run_config)
+    frames = sample_content_frames(te, ema, diffusion, SHOWCASE_PROMPTS, config.sample_steps, config.cfg_scale,
+                                   frame_shape, torch.Generator(device).manual_seed(0))
+    images = frame_space.decode(frames[:, None])[:, 0]  # (12, 3, H, W) pixels
+    path = Path(args.out) / "content-samples.png"
+    write_image(path, video_to_uint8(rearrange(images, "(row col) c h w -> c (row h) (col w)", col=3)))
+    print(f"wrote {path}: rows red, green, blue, yellow; columns circle, square, triangle")
+
+
+def print_costs(config, frame_shape, batch_size=1):
+    """UNet parameters and FLOPs of one training step (forward + backward), on `meta`."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD21_UNET_CONFIG) if config.sd else tiny_unet(64, frame_shape[1:], frame_shape[0])
+        x = torch.empty(batch_size, *frame_shape)
+        tokens = torch.empty(batch_size, 77, unet.config.cross_attention_dim)
+        t = torch.zeros(batch_size, dtype=torch.long)
+    params = sum(p.numel() for p in unet.parameters())
+    flops = count_flops(lambda: unet(x, t, encoder_hidden_states=tokens).sample.sum().backward())
+    print(f"content UNet: {params / 1e6:.1f} M parameters, {flops / 1e12:.3f} TFLOPs per training step "
+          f"(batch {batch_size}, {' x '.join(map(str, frame_shape))} content frames)")
+    return params, flops
+
+
+if __name__ == "__main__":
+    main()
