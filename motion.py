@@ -1,0 +1,378 @@
+"""Stage 3 of CMD: the motion diffusion model (arXiv 2403.14148, Sec. 3.2, Eq. 8).
+
+The autoencoder (ae.py) splits a video into a content frame x̄ (C, H, W) and a motion
+latent z (L, N = H' + W', D). content.py generates x̄ from text with Stable Diffusion;
+this file generates z with a new diffusion transformer (DiT, Peebles & Xie 2023),
+conditioned on the text and on the content frame. As in the paper, the content frame
+enters as input-level patch embeddings ("dense conditions") and the text, like the
+timestep, through adaptive layer normalisation.
+
+The model only maps (noisy z, timestep, content frame, text) -> a tensor shaped like z
+(epsilon or v); the diffusion maths (noise schedule, DDIM) live in content.py.
+
+    python motion.py                                          # tiny preset, CPU, minutes
+    python motion.py --ae runs/ae-paper --preset paper ...    # one GPU
+    torchrun --nproc_per_node 8 motion.py --ae runs/ae-paper --preset paper ...
+"""
+import argparse
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import FlopCounterMode
+
+from ae import cache_latents, encode_videos, load_ae, sincos, sincos_grid
+from content import PRESETS as CONTENT_PRESETS
+from content import Diffusion, drop_prompts, text_encoder_for_run
+from data import (add_training_args, load_stage, make_dataset, setup_distributed, train, video_to_uint8,
+                  write_video)
+
+
+@dataclass
+class MotionConfig:
+    # motion latent z: (L, N = H' + W', D); must match the autoencoder that made it
+    frames: int = 16            # L
+    latent_h: int = 8           # H': tokens from projecting along the height axis
+    latent_w: int = 8           # W': tokens from projecting along the width axis
+    latent_dim: int = 8         # D
+    patch_frames: int = 2       # one DiT token covers patch_frames x patch_tokens latent vectors
+    patch_tokens: int = 2
+    # content frame x̄: (C, H, W), in the AE's frame space (pixels, or SD latents)
+    frame_channels: int = 3
+    frame_height: int = 32
+    frame_width: int = 32
+    content_patch: int = 4
+    # text features from content.TextEncoder: tokens (B, 77, text_dim), pooled (B, pooled_dim)
+    text_dim: int = 64
+    pooled_dim: int = 64
+    cross_attention: bool = False  # our addition: blocks also attend to the text tokens
+    # transformer width (see DIT_SIZES)
+    hidden: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self):
+        # A token must not straddle the height/width boundary of z, nor the frame edge.
+        assert self.frames % self.patch_frames == 0, "patch_frames must divide frames"
+        assert self.latent_h % self.patch_tokens == 0 and self.latent_w % self.patch_tokens == 0, \
+            "patch_tokens must divide both latent_h and latent_w"
+        assert self.frame_height % self.content_patch == 0, "content_patch must divide H"
+        assert self.frame_width % self.content_patch == 0, "content_patch must divide W"
+        assert self.hidden % self.heads == 0 and (self.hidden // self.heads) % 2 == 0
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**d)
+
+
+# DiT's widths (Peebles & Xie 2023, Table 1), plus a CPU-sized one.
+DIT_SIZES = {
+    "tiny": dict(hidden=128, depth=4, heads=4),
+    "S": dict(hidden=384, depth=12, heads=6),
+    "B": dict(hidden=768, depth=12, heads=12),
+    "L": dict(hidden=1024, depth=24, heads=16),
+    "XL": dict(hidden=1152, depth=28, heads=16),
+}
+
+PRESETS = {
+    # 32x32 pixel shapes videos; the AE's tiny preset gives z of 16 x (8 + 8) x 8.
+    "tiny": MotionConfig(**DIT_SIZES["tiny"]),
+    # WebVid-10M text-to-video at 512x1024, frames as SD-2.1 latents 4x64x128. Paper:
+    # DiT-XL/2 "for WebVid-10M" (Sec. 4.1); z of L x (H'+W') x D = 16 x (32+64) x 8
+    # (Table 5); z patch 2 and content-frame patch 8 (Table 6); OpenCLIP ViT-H text,
+    # 1024-d, with no cross-attention (App. B.3: only a linear projection into the adaLN).
+    "paper": MotionConfig(
+        frames=16, latent_h=32, latent_w=64, latent_dim=8, patch_frames=2, patch_tokens=2,
+        frame_channels=4, frame_height=64, frame_width=128, content_patch=8,
+        text_dim=1024, pooled_dim=1024, cross_attention=False, **DIT_SIZES["XL"]),
+}
+
+
+def modulate(x, shift, scale):
+    # adaLN: a LayerNorm whose affine parameters are predicted from the condition c.
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when context is None, else cross-attention
+    from x (B, T, dim) to context (B, S, context_dim)."""
+
+    def __init__(self, dim, heads, context_dim=None):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_kv = nn.Linear(context_dim or dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        q = self.to_q(x)
+        k, v = self.to_kv(context).chunk(2, dim=-1)
+        q, k, v = (rearrange(a, "b t (h d) -> b h t d", h=self.heads) for a in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
+        return self.proj(rearrange(out, "b h t d -> b t (h d)"))
+
+
+class TimestepEmbedder(nn.Module):
+    """Diffusion timestep t (B,) -> (B, hidden): sinusoidal features, then an MLP (DiT)."""
+
+    def __init__(self, hidden, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t):
+        return self.mlp(sincos(t, self.freq_dim).to(self.mlp[0].weight.dtype))  # bf16 weights, no autocast
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: the condition c predicts a shift, scale and gate for the
+    attention and for the MLP (DiT Sec. 3.2); zero-initialised in MotionDiT."""
+
+    def __init__(self, config):
+        super().__init__()
+        h = config.hidden
+        self.norm1 = nn.LayerNorm(h, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(h, config.heads)
+        self.cross_attn = None
+        if config.cross_attention:
+            # Text tokens, unmodulated and residual, as in PixArt-alpha. Not in the paper,
+            # whose DiT sees only the pooled text; an option for small pooled encoders.
+            self.norm_cross = nn.LayerNorm(h)
+            self.cross_attn = Attention(h, config.heads, context_dim=config.text_dim)
+        self.norm2 = nn.LayerNorm(h, elementwise_affine=False, eps=1e-6)
+        mlp_h = int(h * config.mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(h, mlp_h), nn.GELU(approximate="tanh"), nn.Linear(mlp_h, h))
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(h, 6 * h))
+
+    def forward(self, x, c, text_tokens):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=1)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x), text_tokens)
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class MotionDiT(nn.Module):
+    """forward(z_t (B,L,N,D), t (B,), content_frame (B,C,H,W), text_tokens (B,77,Dt),
+    text_pooled (B,Dp)) -> (B,L,N,D); text_tokens are only read if config.cross_attention."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = cfg = config
+        self.gradient_checkpointing = False
+        # Motion tokens: z is read as a D-channel "image" on the (L, N) grid and cut into
+        # patch_frames x patch_tokens patches, as the paper does ("/2"). At paper size the
+        # grid is 16 x 96: 384 tokens instead of 1536, and no token spans both spatial axes.
+        patch_in = cfg.patch_frames * cfg.patch_tokens * cfg.latent_dim
+        self.motion_embed = nn.Linear(patch_in, cfg.hidden)
+        n = cfg.latent_h + cfg.latent_w
+        self.grid = (cfg.frames // cfg.patch_frames, n // cfg.patch_tokens)
+        # Fixed (not learned) 2D sin-cos positions, as DiT: rows are frames, columns run
+        # through the H' height tokens and then the W' width tokens. Recomputed from the
+        # config, so they are not saved in checkpoints.
+        self.register_buffer("motion_pos", sincos_grid(*self.grid, cfg.hidden), persistent=False)
+        # Content frame: fed "as input-level patch embeddings like z_t to provide dense
+        # conditions" (paper Sec. 3.2), i.e. joined to the motion tokens in one
+        # self-attention sequence and dropped at the output (as in the authors' code). A
+        # larger patch than z's keeps the sequence short (paper: 8 for 64x128 latents).
+        p = cfg.content_patch
+        self.content_embed = nn.Conv2d(cfg.frame_channels, cfg.hidden, kernel_size=p, stride=p)
+        content_grid = (cfg.frame_height // p, cfg.frame_width // p)
+        self.register_buffer("content_pos", sincos_grid(*content_grid, cfg.hidden), persistent=False)
+        # Condition c = timestep embedding + a linear projection of the pooled text feature
+        # (paper App. B.3), fed to every adaLN. Classifier-free guidance needs no learned null
+        # embedding: training replaces some captions by "", whose features are the
+        # unconditional input; the content frame is kept in both branches (paper App. E).
+        self.t_embed = TimestepEmbedder(cfg.hidden)
+        self.text_embed = nn.Linear(cfg.pooled_dim, cfg.hidden)
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        # Final layer: adaLN-modulated LayerNorm + linear back to patches. D outputs (epsilon
+        # or v), not the paper's 2D with a learned variance: our DDIM does not use one.
+        self.norm_out = nn.LayerNorm(cfg.hidden, elementwise_affine=False, eps=1e-6)
+        self.adaLN_out = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, 2 * cfg.hidden))
+        self.out = nn.Linear(cfg.hidden, patch_in)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # DiT's recipe: Xavier-uniform linear layers (and patch embedding), N(0, 0.02) for
+        # the timestep MLP ...
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+                nn.init.zeros_(m.bias)
+        for layer in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        # ... and zeros for the adaLN modulations (so every gate is 0), the cross-attention
+        # output and the final linear: every block starts as the identity and the untrained
+        # model predicts exactly 0 ("adaLN-Zero", DiT Sec. 3.2).
+        zero = [self.adaLN_out[1], self.out]
+        for block in self.blocks:
+            zero.append(block.adaLN[1])
+            if block.cross_attn is not None:
+                zero.append(block.cross_attn.proj)
+        for layer in zero:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def enable_gradient_checkpointing(self):
+        """Recompute each block's activations in the backward pass (diffusers' name)."""
+        self.gradient_checkpointing = True
+
+    def forward(self, z, t, content_frame, text_tokens, text_pooled):
+        cfg = self.config
+        expected = (cfg.frames, cfg.latent_h + cfg.latent_w, cfg.latent_dim)
+        if tuple(z.shape[1:]) != expected:
+            raise ValueError(f"motion latent of shape {tuple(z.shape)}, expected (B, *{expected})")
+        pf, pt = cfg.patch_frames, cfg.patch_tokens
+        x = rearrange(z, "b (l p) (n q) d -> b (l n) (p q d)", p=pf, q=pt)
+        x = self.motion_embed(x) + self.motion_pos                  # (B, T_motion, hidden)
+        content = self.content_embed(content_frame)                # (B, hidden, H/p, W/p)
+        content = rearrange(content, "b c h w -> b (h w) c") + self.content_pos
+        num_motion = x.shape[1]
+        x = torch.cat([x, content], dim=1)                         # (B, T_motion + T_content, h)
+        c = self.t_embed(t) + self.text_embed(text_pooled)         # (B, hidden)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, text_tokens, use_reentrant=False)
+            else:
+                x = block(x, c, text_tokens)
+        x = x[:, :num_motion]                                      # drop the content tokens
+        shift, scale = self.adaLN_out(c).chunk(2, dim=1)
+        x = self.out(modulate(self.norm_out(x), shift, scale))    # (B, T_motion, pf*pt*D)
+        return rearrange(x, "b (l n) (p q d) -> b (l p) (n q) d", n=self.grid[1], p=pf, q=pt)
+
+
+def example_inputs(config, batch=1, text_len=77, device=None):
+    """Random inputs of the right shapes: (z, t, content_frame, text_tokens, text_pooled)."""
+    c = config
+    return (torch.randn(batch, c.frames, c.latent_h + c.latent_w, c.latent_dim, device=device),
+            torch.randint(0, 1000, (batch,), device=device).float(),
+            torch.randn(batch, c.frame_channels, c.frame_height, c.frame_width, device=device),
+            torch.randn(batch, text_len, c.text_dim, device=device),
+            torch.randn(batch, c.pooled_dim, device=device))
+
+
+def params_and_flops(config, batch=1):
+    """(parameter count, FLOPs of one forward at this batch), built on the meta device:
+    no memory and no real compute, so it works for full-size presets on a laptop."""
+    with torch.device("meta"):
+        model = MotionDiT(config)
+        inputs = example_inputs(config, batch)
+    with FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    return sum(p.numel() for p in model.parameters()), counter.get_total_flops()
+
+
+# ---------------------------------------------------------------------------------------
+# Training and sampling, on the frozen AE's (content frame, motion latent) pairs.
+# The diffusion maths are content.py's: one noise schedule and one DDIM for both models.
+# (The paper's DiT uses DiT's linear-beta eps schedule; we keep SD's scaled-linear one with
+# v-prediction, the same as the tiny content model, so there is one schedule to read.)
+# ---------------------------------------------------------------------------------------
+
+def config_for(preset, size, ae_config, text_encoder):
+    """The preset with every shape taken from the AE and text encoder it must fit."""
+    a = ae_config
+    hp, wp = a.height // a.patch, a.width // a.patch
+    return replace(PRESETS[preset], **(DIT_SIZES[size] if size else {}), frames=a.frames, latent_h=hp,
+                   latent_w=wp, latent_dim=a.motion_dim, frame_channels=a.channels, frame_height=a.height,
+                   frame_width=a.width, text_dim=text_encoder.width, pooled_dim=text_encoder.embed_dim)
+
+
+def dit_model_fn(model):
+    """The DiT as a Diffusion model_fn(z, t, cond) with cond = (content_frame, text_tokens, text_pooled)."""
+    return lambda z, t, cond: model(z, t, *cond)
+
+
+@torch.no_grad()
+def sample_motion(model, diffusion, te, content_frame, prompts, steps, cfg_scale, generator=None, progress=True,
+                  desc="DDIM"):
+    """Motion latents (B, L, H'+W', D) for content frames (B, C, H, W) and prompts.
+    As in the paper's Algorithm 1, guidance drops only the text: both branches see x̄."""
+    c = model.config
+    tokens, pooled = te(prompts)
+    uncond_tokens, uncond_pooled = te([""] * len(prompts))
+    shape = (len(prompts), c.frames, c.latent_h + c.latent_w, c.latent_dim)
+    return diffusion.ddim_sample(dit_model_fn(model), shape, (content_frame, tokens, pooled),
+                                 (content_frame, uncond_tokens, uncond_pooled), steps=steps,
+                                 cfg_scale=cfg_scale, generator=generator, progress=progress, desc=desc)
+
+
+def load_motion(run_dir, device="cpu"):
+    """A trained motion stage from a run directory -> (EMA DiT, Diffusion, sampling settings)."""
+    info, state = load_stage(run_dir, "motion")
+    model = MotionDiT(MotionConfig.from_dict(info["config"]["model"]))
+    model.load_state_dict(state)
+    return model.to(device).eval().requires_grad_(False), Diffusion(**info["config"]["schedule"]), info["config"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", choices=PRESETS)
+    parser.add_argument("--size", default=None, choices=DIT_SIZES, help="override the preset's DiT width/depth")
+    parser.add_argument("--data", default="shapes", help='"shapes", a CSV of path,caption, or a folder of class folders')
+    parser.add_argument("--ae", default=None, help="run directory of a trained AE (default: --out)")
+    parser.add_argument("--text-weights", default=None, help="local open_clip checkpoint of the text encoder")
+    parser.add_argument("--cache", action="store_true", help="encode the dataset with the AE once, keep it on disk")
+    parser.add_argument("--flops", action="store_true", help="print parameters and FLOPs, then exit")
+    parser.add_argument("--cfg-scale", type=float, default=3.0, help="guidance of the samples written at the end")
+    add_training_args(parser, steps=1500, batch_size=32, lr=1e-3, every=500)
+    args = parser.parse_args()
+    if args.flops and args.ae is None:  # the paper's sizes need no AE run: count on `meta`
+        for batch in (1, 2):
+            params, flops = params_and_flops(PRESETS[args.preset], batch)
+            print(f"motion DiT ({args.preset}): {params / 1e6:.1f} M parameters, "
+                  f"{flops / 1e12:.3f} TFLOPs per forward at batch {batch}")
+        return
+    args.out = args.out or f"runs/{args.preset}"
+    _, _, device = setup_distributed()
+    ae, frame_space = load_ae(args.ae or args.out, device)
+    te = text_encoder_for_run(args.out, CONTENT_PRESETS[args.preset], args.text_weights).to(device)
+    model = MotionDiT(config_for(args.preset, args.size, ae.config, te))
+    diffusion_schedule = {"prediction_type": "v_prediction"}
+    diffusion = Diffusion(**diffusion_schedule)
+    a = ae.config
+    dataset = make_dataset(args.data, frames=a.frames, size=a.height * (8 if a.sd else 1), seed=args.seed)
+    if args.cache:
+        dataset = cache_latents(ae, frame_space, dataset, Path(args.out) / "latents.safetensors", device)
+
+    def loss_fn(model, batch):
+        content_frame, motion_latent, captions = encode_videos(ae, frame_space, batch)
+        tokens, pooled = te(drop_prompts(captions, 0.1))  # CFG: 10% of prompts become ""
+        return diffusion.loss(dit_model_fn(model), motion_latent, (content_frame, tokens, pooled))
+
+    run_config = {"model": model.config.to_dict(), "schedule": diffusion_schedule, "cfg_scale": args.cfg_scale}
+    ema = train("motion", model, loss_fn, dataset, args, run_config)
+    write_motion_preview(ema, diffusion, ae, frame_space, te, Path(args.out) / "motion-samples.mp4", device, args)
+
+
+@torch.no_grad()
+def write_motion_preview(model, diffusion, ae, frame_space, te, path, device, args, n=4):
+    """Held-out videos (real | generated): the generated motion starts from the real video's
+    content frame and caption, so any difference is the motion model's."""
+    a = ae.config
+    held_out = make_dataset("shapes", frames=a.frames, size=a.height, seed=1, split="heldout") \
+        if args.data == "shapes" else make_dataset(args.data, frames=a.frames, size=a.height * (8 if a.sd else 1))
+    videos = torch.stack([held_out[i][0] for i in range(n)]).to(device)
+    captions = [held_out[i][1] for i in range(n)]
+    content_frame, _ = ae.encode(frame_space.encode(videos))
+    motion = sample_motion(model, diffusion, te, content_frame, captions, steps=50, cfg_scale=args.cfg_scale,
+                           generator=torch.Generator(device).manual_seed(0))
+    generated = frame_space.decode(ae.decode(content_frame, motion))
+    grid = rearrange(torch.cat([videos, generated], dim=-1), "b l c h w -> l c (b h) w")
+    write_video(path, video_to_uint8(grid.cpu()), fps=8)
+    print(f"wrote {path} (real | generated motion), captions:", *captions, sep="\n  ")
+
+
+if __name__ == "__main__":
+    main()
