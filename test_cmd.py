@@ -1,0 +1,1038 @@
+"""Tests of CMD, one section per file in reading order: data, ae, content, motion, sample
+(and its --bench). CPU only, a few minutes in all:
+
+    OMP_NUM_THREADS=1 python -m pytest -q test_cmd.py
+    OMP_NUM_THREADS=1 python -m pytest -q -s test_cmd.py   # also print the models' sizes and FLOPs
+
+The kinds of test: parity with a reference we did not write (DDIM against diffusers, attention
+against softmax(QK^T)V, text features against open_clip, FLOPs against hand counts), smoke
+runs of tiny models, save -> load round trips, and failure tests (bad input, the promised error).
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import ae
+import content
+import data
+import motion
+import sample
+from content import (SD21_UNET_CONFIG, TINY_TEXT_CONFIG, ContentConfig, Diffusion, TextEncoder, build_text_encoder,
+                     build_unet, cfg_output, drop_prompts, load_open_clip_text_weights, load_sd_unet,
+                     load_text_encoder, save_text_encoder, tiny_unet, unet_model_fn)
+from motion import Attention, MotionConfig, MotionDiT, example_inputs, params_and_flops
+from sample import (PAPER_SETUP, SYSTEMS, bench, build, count_flops_and_attention, random_text, sample_video,
+                    sampling_flops, training_flops)
+
+
+# ==================================================================================================
+# data.py: the shapes world, video I/O, file datasets
+# ==================================================================================================
+
+def write_clip(path, frames=8, height=24, width=32, green=None):
+    """A small video: left quarter red, right quarter blue, a green middle whose
+    brightness is `green[l]` in frame l (default: constant)."""
+    video = np.zeros((frames, height, width, 3), np.uint8)
+    video[:, :, : width // 4] = (200, 30, 30)
+    video[:, :, -(width // 4):] = (30, 30, 200)
+    levels = np.full(frames, 160) if green is None else np.asarray(green)
+    video[:, :, width // 4: -(width // 4), 1] = levels[:, None, None]
+    data.write_video(path, video)
+    return video
+
+
+# ---------------------------------------------------------------- the shapes world
+
+def test_shapes_deterministic_per_index_and_seed():
+    a, b, c = data.ShapesDataset(seed=0), data.ShapesDataset(seed=0), data.ShapesDataset(seed=1)
+    for i in range(4):
+        assert torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1]
+    assert any(not torch.equal(a[i][0], c[i][0]) for i in range(4))
+    assert not torch.equal(a[0][0], a[1][0])
+
+
+def test_shapes_caption_attributes_and_pixels_agree():
+    dataset = data.ShapesDataset(num_videos=24, size=32, frames=16, max_shapes=2)
+    counts = set()
+    for i in range(len(dataset)):
+        video, caption = dataset[i]
+        attributes = dataset.attributes(i)
+        counts.add(len(attributes["shapes"]))
+        assert caption == data.caption_for(attributes)
+        assert video.shape == (16, 3, 32, 32) and video.dtype == torch.float32
+        assert video.min() >= -1 and video.max() <= 1
+        frames = data.video_to_uint8(video)
+        background = data.render_shapes({"background": attributes["background"], "shapes": []}, 32, 16)
+        named = {s["color"] for s in attributes["shapes"]}
+        for color, rgb in data.COLORS.items():
+            exact = (frames == np.array(rgb)).all(-1).sum((1, 2))  # pixels of exactly this colour, per frame
+            assert (exact >= 3).all() if color in named else (exact == 0).all(), (caption, color)
+        # shapes stay inside the frame: the outermost pixels are always background
+        border = np.ones((32, 32), bool)
+        border[1:-1, 1:-1] = False
+        assert np.array_equal(frames[:, border], background[:, border]), caption
+    assert counts == {1, 2}
+
+
+@pytest.mark.parametrize("motion", data.MOTIONS)
+def test_shapes_move_as_captioned(motion):
+    square = {"color": "red", "shape": "square", "motion": motion, "x": 0.5, "y": 0.5, "radius": 0.12}
+    attributes = {"background": "dark", "shapes": [square]}
+    video = data.render_shapes(attributes, size=48, frames=16)
+    dark, red = np.array(data.BACKGROUNDS["dark"][0]), np.array(data.COLORS["red"])
+    alpha = np.abs(video - dark).sum(-1) / np.abs(red - dark).sum()  # (L, H, W): how much of a pixel is red
+    area = alpha.sum((1, 2))
+    ys, xs = np.mgrid[0:48, 0:48]
+    centre = np.stack([(alpha * xs).sum((1, 2)), (alpha * ys).sum((1, 2))], -1) / area[:, None]
+    shift = centre[-1] - centre[0]
+    if motion in data.DIRECTIONS:  # a clearly visible distance: about a third of the frame
+        assert np.allclose(shift, np.array(data.DIRECTIONS[motion]) * 48 / 3, atol=1)
+    else:
+        assert np.abs(shift).max() < 0.5
+        ratio = area[-1] / area[0]
+        assert {"growing": ratio > 3, "shrinking": ratio < 1 / 3, "rotating": 0.95 < ratio < 1.05}[motion]
+    if motion == "rotating":  # turned about 45 degrees halfway through
+        assert np.abs(video[0].astype(int) - video[8]).max() > 100
+
+
+def test_heldout_split_never_or_only_heldout_combos():
+    train = data.ShapesDataset(num_videos=400, max_shapes=2, split="train")
+    heldout = data.ShapesDataset(num_videos=100, split="heldout")
+    combos = lambda a: {(s["color"], s["shape"], s["motion"]) for s in a["shapes"]}
+    assert all(not combos(train.attributes(i)) & set(data.HELDOUT_COMBOS) for i in range(len(train)))
+    drawn = set()
+    for i in range(len(heldout)):
+        attributes = heldout.attributes(i)
+        assert len(attributes["shapes"]) == 1 and combos(attributes) <= set(data.HELDOUT_COMBOS)
+        drawn |= combos(attributes)
+    assert drawn == set(data.HELDOUT_COMBOS)
+    video, caption = heldout[0]
+    assert video.shape == (16, 3, 32, 32) and caption == data.caption_for(heldout.attributes(0))
+
+
+# ---------------------------------------------------------------- video I/O
+
+def test_uint8_video_round_trip_is_exact():
+    frames = np.random.default_rng(0).integers(0, 256, (2, 4, 5, 3), dtype=np.uint8)
+    video = data.uint8_to_video(frames)
+    assert video.shape == (2, 3, 4, 5) and video.min() >= -1 and video.max() <= 1
+    assert np.array_equal(data.video_to_uint8(video), frames)
+
+
+@pytest.mark.parametrize("suffix, tolerance", [(".mp4", 4.0), (".gif", 2.0)])
+def test_write_read_round_trip(tmp_path, suffix, tolerance):
+    dataset = data.ShapesDataset(max_shapes=2)
+    frames = np.concatenate([data.render_shapes(dataset.attributes(i), 32, 12) for i in range(2)], axis=2)
+    data.write_video(tmp_path / f"clip{suffix}", frames)
+    back = data.read_video(tmp_path / f"clip{suffix}")
+    assert back.shape == frames.shape and back.dtype == np.uint8
+    assert np.abs(back.astype(float) - frames).mean() < tolerance  # mp4 and gif are lossy
+
+
+def test_mp4_pads_odd_sizes(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 256, (3, 15, 17, 3), dtype=np.uint8)
+    data.write_video(tmp_path / "odd.mp4", frames)
+    assert data.read_video(tmp_path / "odd.mp4").shape == (3, 16, 18, 3)
+
+
+def test_unreadable_video_raises_video_error_naming_it(tmp_path):
+    bad = tmp_path / "corrupt.mp4"
+    bad.write_bytes(b"this is not a video" * 50)
+    for path in (bad, tmp_path / "missing.mp4"):
+        with pytest.raises(data.VideoError, match=path.name):
+            data.read_video(path)
+    with pytest.raises(ValueError, match="uint8"):
+        data.write_video(tmp_path / "x.mp4", np.zeros((2, 8, 8, 3), np.float32))
+
+
+# ---------------------------------------------------------------- file datasets
+
+def test_folder_dataset_skips_and_counts_bad_videos(tmp_path):
+    (tmp_path / "ApplyEyeMakeup").mkdir()
+    (tmp_path / "jump_rope").mkdir()
+    write_clip(tmp_path / "ApplyEyeMakeup" / "good.mp4")
+    write_clip(tmp_path / "jump_rope" / "good.gif")
+    write_clip(tmp_path / "jump_rope" / "short.mp4", frames=3)
+    (tmp_path / "jump_rope" / "corrupt.mp4").write_bytes(b"\x00garbage" * 100)
+    (tmp_path / "jump_rope" / "notes.txt").write_text("not a video")
+    dataset = data.VideoFolderDataset(tmp_path, frames=6, size=16)
+    assert len(dataset) == 4
+    with pytest.warns(UserWarning) as caught:
+        items = [dataset[i] for i in range(len(dataset))]
+    assert dataset.skipped == 2
+    messages = " ".join(str(w.message) for w in caught)
+    assert "corrupt.mp4" in messages and "short.mp4" in messages
+    assert {caption for _, caption in items} == {"apply eye makeup", "jump rope"}
+    assert all(video.shape == (6, 3, 16, 16) and video.abs().max() <= 1 for video, _ in items)
+
+
+def test_all_bad_folder_raises_naming_the_folder(tmp_path):
+    root = tmp_path / "broken_videos"
+    (root / "Kayaking").mkdir(parents=True)
+    (root / "Kayaking" / "a.mp4").write_bytes(b"nope")
+    dataset = data.VideoFolderDataset(root)
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="broken_videos"):
+        dataset[0]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        data.VideoFolderDataset(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        data.VideoFolderDataset(tmp_path / "nowhere")
+
+
+def test_csv_dataset_both_column_styles(tmp_path):
+    (tmp_path / "clips").mkdir()
+    write_clip(tmp_path / "clips" / "1001.mp4")
+    (tmp_path / "ours.csv").write_text('path,caption\nclips/1001.mp4,"a dog, running"\nclips/missing.mp4,gone\n')
+    dataset = data.VideoCSVDataset(tmp_path / "ours.csv", frames=4, size=8)
+    with pytest.warns(UserWarning, match="missing.mp4"):
+        captions = [dataset[i][1] for i in range(2)]
+    assert captions == ["a dog, running"] * 2 and dataset.skipped == 1
+
+    (tmp_path / "webvid.csv").write_text("videoid,contentUrl,name\n1001,http://x,a cat on a sofa\n")
+    dataset = data.VideoCSVDataset(tmp_path / "webvid.csv", frames=4, size=8, video_folder=tmp_path / "clips")
+    video, caption = dataset[0]
+    assert video.shape == (4, 3, 8, 8) and caption == "a cat on a sofa"
+
+    (tmp_path / "empty.csv").write_text("path,caption\n")
+    with pytest.raises(ValueError, match="empty.csv"):
+        data.VideoCSVDataset(tmp_path / "empty.csv")
+    (tmp_path / "odd.csv").write_text("file,text\na.mp4,hi\n")
+    with pytest.raises(ValueError, match="videoid,name"):
+        data.VideoCSVDataset(tmp_path / "odd.csv")
+
+
+def test_resize_crop_and_temporal_stride(tmp_path):
+    (tmp_path / "Surfing").mkdir()
+    write_clip(tmp_path / "Surfing" / "v.mp4", frames=12, height=24, width=48, green=40 + 15 * np.arange(12))
+    dataset = data.VideoFolderDataset(tmp_path, frames=4, size=16, stride=3)
+    torch.manual_seed(0)
+    video, caption = dataset[0]
+    torch.manual_seed(0)
+    assert torch.equal(video, dataset[0][0])  # the temporal crop follows torch's RNG
+    assert video.shape == (4, 3, 16, 16) and caption == "surfing"
+    # shorter side 24 -> 16 makes the frame 16 x 32; the centre crop is the green middle half
+    assert (video[:, 0, :, 2:-2] < -0.6).all() and (video[:, 2, :, 2:-2] < -0.6).all()
+    step = (video[:, 1].mean((1, 2)).diff() * 127.5).numpy()  # green rises 15 per frame, 45 per 3 frames
+    assert np.allclose(step, 45, atol=4)
+
+
+def test_make_dataset_dispatch(tmp_path):
+    shapes = data.make_dataset("shapes", frames=8, size=16, seed=3, num_videos=5, max_shapes=2)
+    assert isinstance(shapes, data.ShapesDataset) and len(shapes) == 5 and shapes[0][0].shape == (8, 3, 16, 16)
+    (tmp_path / "Biking").mkdir()
+    write_clip(tmp_path / "Biking" / "v.mp4")
+    (tmp_path / "list.csv").write_text("path,caption\nBiking/v.mp4,a bike\n")
+    assert isinstance(data.make_dataset(str(tmp_path / "list.csv"), frames=4), data.VideoCSVDataset)
+    assert isinstance(data.make_dataset(tmp_path, frames=4, stride=2), data.VideoFolderDataset)
+    with pytest.raises(ValueError, match="'shapes', a .csv file"):
+        data.make_dataset("ucf101")
+
+
+# ==================================================================================================
+# ae.py: the autoencoder (content frame + motion latent) and the shared training loop
+# ==================================================================================================
+
+MICRO = ae.AEConfig(frames=4, height=16, width=16, patch=4, hidden=32, heads=2,
+                    encoder_depth=1, decoder_depth=1, motion_dim=4)
+
+
+def micro_dataset(n=16):
+    return data.ShapesDataset(num_videos=n, size=16, frames=4)
+
+
+def training_args(out, **overrides):
+    parser = argparse.ArgumentParser()
+    data.add_training_args(parser, steps=4, batch_size=4, lr=1e-3, every=2)
+    args = parser.parse_args([])
+    args.out = str(out)
+    vars(args).update(overrides)
+    return args
+
+
+def ae_loss(model, batch):
+    return F.mse_loss(model(batch[0]), batch[0])
+
+
+def train_micro(out, videos=16, **overrides):
+    torch.manual_seed(0)
+    model = ae.Autoencoder(MICRO)
+    args = training_args(out, **overrides)
+    return model, data.train("ae", model, ae_loss, micro_dataset(videos), args, vars(MICRO))
+
+
+def test_content_weights_sum_to_one_and_static_video_gives_its_frame():
+    torch.manual_seed(0)
+    model = ae.Autoencoder(ae.PRESETS["tiny"])
+    frame = torch.rand(2, 3, 32, 32) * 2 - 1
+    static = frame[:, None].expand(2, 16, 3, 32, 32)
+    content_frame, _ = model.encode(static)
+    torch.testing.assert_close(content_frame, frame, atol=1e-5, rtol=0)
+    h = model.enc_norm(model.encoder[0](model.enc_patch(model.patchify(static)) + model.pos_space))
+    weights = model.unpatchify(model.to_weight_logits(h)).softmax(dim=1)
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(2, 3, 32, 32))
+
+
+def test_tiny_encode_decode_shapes():
+    model = ae.Autoencoder(ae.PRESETS["tiny"])
+    video = torch.rand(2, 16, 3, 32, 32) * 2 - 1
+    content_frame, motion_latent = model.encode(video)
+    assert content_frame.shape == (2, 3, 32, 32)
+    assert motion_latent.shape == (2, 16, 8 + 8, 8)  # L x (H' + W') x D
+    assert motion_latent.abs().max() <= 1
+    assert model.decode(content_frame, motion_latent).shape == video.shape
+    with pytest.raises(ValueError, match="expected frames of shape"):
+        model.encode(video[:, :8])
+
+
+def test_paper_preset_on_meta_shapes_params_and_flops():
+    config = ae.PRESETS["paper"]
+    with torch.device("meta"):
+        model = ae.Autoencoder(config)
+        content_frame, motion_latent = model.encode(torch.empty(1, 16, 4, 64, 128))
+        assert model.decode(content_frame, motion_latent).shape == (1, 16, 4, 64, 128)
+    assert content_frame.shape == (1, 4, 64, 128)
+    assert motion_latent.shape == (1, 16, 32 + 64, 8)  # the paper's 8 x 16 x 96 motion latent
+    params, flops = ae.print_costs(config)
+    assert 35e6 < params < 45e6
+    assert 8e12 < flops < 16e12  # a training step at 512x1024, batch 1
+
+
+def test_short_training_run_loss_drops(tmp_path):
+    train_micro(tmp_path, videos=4, steps=200, every=200)  # one batch, seen 200 times
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    losses = [line["loss"] for line in lines if "loss" in line]
+    assert all(line["stage"] == "ae" for line in lines) and lines[-1]["step"] == 200
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_save_load_identical_outputs(tmp_path):
+    _, ema = train_micro(tmp_path, steps=2)
+    loaded, frame_space = ae.load_ae(tmp_path)
+    video = micro_dataset()[0][0][None]
+    assert frame_space.encode(video) is video  # the tiny preset works on pixels
+    assert torch.equal(loaded(video), ema(video))
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, _ = train_micro(tmp_path / "straight", steps=4)
+    train_micro(tmp_path / "resumed", steps=2)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_micro(tmp_path / "resumed", steps=4)
+    resumed, _ = train_micro(tmp_path / "resumed", steps=4, resume=True)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    for run in ("straight", "resumed"):
+        assert json.load(open(tmp_path / run / "ae-train.json"))["step"] == 4
+    a = data.load_stage(tmp_path / "straight", "ae-train")[1]
+    b = data.load_stage(tmp_path / "resumed", "ae-train")[1]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k.startswith("opt."))
+
+
+def test_missing_and_half_written_runs_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train this stage first"):
+        ae.load_ae(tmp_path / "nothing-here")
+    train_micro(tmp_path, steps=2)
+    info = json.load(open(tmp_path / "ae.json"))
+    info["step"] = 7
+    json.dump(info, open(tmp_path / "ae.json", "w"))
+    with pytest.raises(RuntimeError, match="half-written"):
+        ae.load_ae(tmp_path)
+
+
+def ddp_worker(rank, out, port):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model, _ = train_micro(out / "run", steps=2, batch_size=2)
+    torch.save(model.state_dict(), out / f"rank{rank}.pt")
+
+
+def test_two_gloo_processes_end_with_identical_weights(tmp_path):
+    port = 29500 + os.getpid() % 1000
+    mp.spawn(ddp_worker, args=(tmp_path, port), nprocs=2)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    initial = ae.Autoencoder(MICRO).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], initial[k]) for k in a)  # and they did train
+    assert json.load(open(tmp_path / "run" / "ae.json"))["step"] == 2
+
+
+# ==================================================================================================
+# content.py: text encoder, UNet, hand-written diffusion maths and DDIM
+# ==================================================================================================
+
+def sd_scheduler(prediction_type="epsilon"):
+    """diffusers' DDIM with Stable Diffusion's settings: the reference we did not write."""
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,
+                         clip_sample=False, timestep_spacing="leading", prediction_type=prediction_type)
+
+
+@pytest.fixture(scope="module")
+def tiny_te():
+    return build_text_encoder("tiny")
+
+
+# --- diffusion maths ---------------------------------------------------------
+
+@pytest.mark.parametrize("steps", [10, 25, 50])
+def test_ddim_timesteps_match_diffusers(steps):
+    ref = sd_scheduler()
+    ref.set_timesteps(steps)
+    assert Diffusion().ddim_timesteps(steps) == ref.timesteps.tolist()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("steps", [10, 50])
+def test_ddim_steps_match_diffusers(prediction_type, eta, steps):
+    ref, ours = sd_scheduler(prediction_type), Diffusion(prediction_type=prediction_type)
+    ref.set_timesteps(steps)
+    g = torch.Generator().manual_seed(0)
+    x_ref = x_ours = torch.randn(2, 4, 8, 8, generator=g)
+    for t in ours.ddim_timesteps(steps):
+        x_t, model_output, noise = torch.randn(3, 2, 4, 8, 8, generator=g)  # same inputs for both
+        # one step, from a unit-scale x_t
+        torch.testing.assert_close(ours.ddim_step(model_output, t, x_t, steps, eta, noise),
+                                   ref.step(model_output, t, x_t, eta=eta,
+                                            variance_noise=noise).prev_sample,
+                                   atol=1e-5, rtol=0)
+        # the whole chain (random model outputs push |x| to ~50, so compare relatively)
+        x_ref = ref.step(model_output, t, x_ref, eta=eta, variance_noise=noise).prev_sample
+        x_ours = ours.ddim_step(model_output, t, x_ours, steps, eta, noise)
+        torch.testing.assert_close(x_ours, x_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_schedule_and_targets_match_diffusers():
+    ref, ours = sd_scheduler("v_prediction"), Diffusion(prediction_type="v_prediction")
+    torch.testing.assert_close(ours.alphas_cumprod, ref.alphas_cumprod, atol=1e-6, rtol=0)
+    x0, noise = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)
+    t = torch.tensor([0, 1, 500, 998, 999])
+    torch.testing.assert_close(ours.q_sample(x0, t, noise), ref.add_noise(x0, noise, t),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.training_target(x0, noise, t), ref.get_velocity(x0, noise, t),
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_targets_round_trip(prediction_type):
+    d = Diffusion(prediction_type=prediction_type)
+    # any shape (here motion-latent-like tokens); float64 so the algebra, not rounding, is tested
+    x0, noise = torch.randn(4, 16, 6, dtype=torch.float64), torch.randn(4, 16, 6, dtype=torch.float64)
+    t = torch.tensor([0, 10, 500, 999])
+    x_t = d.q_sample(x0, t, noise)
+    x0_hat, eps_hat = d.predict_x0_eps(d.training_target(x0, noise, t), x_t, t)
+    torch.testing.assert_close(eps_hat, noise, atol=1e-9, rtol=0)
+    torch.testing.assert_close(x0_hat, x0, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_is_zero_for_an_oracle(prediction_type):
+    d = Diffusion(prediction_type=prediction_type)
+    x0 = torch.randn(8, 3, 4, 4)
+
+    def oracle(x_t, t, cond):  # knows x_0 (passed as cond), so it can compute the exact target
+        a = d.alphas_cumprod[t].view(-1, 1, 1, 1)
+        eps = (x_t - a.sqrt() * cond) / (1 - a).sqrt()
+        return eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * cond
+
+    assert d.loss(oracle, x0, x0).item() < 1e-8
+    assert d.loss(lambda x, t, c: torch.zeros_like(x), x0, x0).item() > 0.1
+
+
+def test_cfg_scale_one_and_batched_equals_separate(tiny_te):
+    torch.manual_seed(0)
+    unet = tiny_unet(tiny_te.width, sample_size=8).eval()
+    model_fn = unet_model_fn(unet)
+    cond, _ = tiny_te(["a red circle", "a blue square"])
+    uncond, _ = tiny_te(["", ""])
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 900])
+    with torch.no_grad():
+        out_cond, out_uncond = model_fn(x, t, cond), model_fn(x, t, uncond)
+        torch.testing.assert_close(cfg_output(model_fn, x, t, cond, uncond, 1.0), out_cond,
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(cfg_output(model_fn, x, t, cond, uncond, 4.0),
+                                   out_uncond + 4.0 * (out_cond - out_uncond), atol=1e-5, rtol=0)
+
+
+def test_ddim_sample_tuple_condition_is_seeded():
+    d = Diffusion(prediction_type="v_prediction")
+    seen = []
+
+    def model_fn(x, t, cond):  # motion-style condition: a tuple of tensors
+        tokens, pooled = cond
+        seen.append((x.shape[0], tokens.shape[0], pooled.shape[0]))
+        return 0.1 * x + pooled[:, :1, None]
+
+    cond = (torch.randn(3, 77, 8), torch.randn(3, 8))
+    uncond = (torch.zeros(3, 77, 8), torch.zeros(3, 8))
+
+    def run():
+        g = torch.Generator().manual_seed(1)
+        return d.ddim_sample(model_fn, (3, 16, 4), cond, uncond, steps=2, cfg_scale=3.0, eta=1.0,
+                             generator=g, progress=False)
+
+    a, b = run(), run()
+    assert a.shape == (3, 16, 4) and torch.isfinite(a).all()
+    assert torch.equal(a, b)
+    assert seen[0] == (6, 6, 6)  # cond and uncond in one batched forward
+    d.ddim_sample(model_fn, (3, 16, 4), cond, uncond, steps=2, cfg_scale=1.0, progress=False)
+    assert seen[-1] == (3, 3, 3)  # guidance off: the unconditional half is skipped
+
+
+def test_drop_prompts():
+    prompts = ["a", "b", "c", "d"]
+    assert drop_prompts(prompts, 0.0) == prompts
+    assert drop_prompts(prompts, 1.0) == ["", "", "", ""]
+
+
+# --- text encoder ------------------------------------------------------------
+
+def test_text_features_shape_and_deterministic(tiny_te):
+    tokens, pooled = tiny_te(["a red circle moves left", ""])
+    assert tokens.shape == (2, 77, TINY_TEXT_CONFIG["text_cfg"]["width"])
+    assert pooled.shape == (2, TINY_TEXT_CONFIG["embed_dim"])
+    tokens2, pooled2 = build_text_encoder("tiny")(["a red circle moves left", ""])
+    assert torch.equal(tokens, tokens2) and torch.equal(pooled, pooled2)
+    assert not torch.equal(tokens[0], tokens[1])
+
+
+def test_text_features_match_open_clip(tiny_te):
+    """Penultimate tokens and pooled embedding agree with open_clip's own forward passes."""
+    prompts = ["a green triangle bounces", "", "two squares"]
+    tokens, pooled = tiny_te(prompts)
+    ids = open_clip.tokenize(prompts)
+    with torch.no_grad():
+        torch.testing.assert_close(pooled, tiny_te.text(ids))
+        out = tiny_te.text.forward_intermediates(ids, indices=[-2], normalize_intermediates=True,
+                                                   output_fmt="NLC")
+    torch.testing.assert_close(tokens, out["text_intermediates"][0])
+
+
+def test_long_prompt_warns_and_bad_prompts_fail(tiny_te):
+    with pytest.warns(UserWarning, match="truncated to 77"):
+        tokens, _ = tiny_te(["word " * 100])
+    assert tokens.shape[1] == 77
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_te(["word " * 70])  # 72 tokens fit: no warning
+    with pytest.raises(TypeError, match="list of str"):
+        tiny_te("a bare string")
+    with pytest.raises(TypeError, match="list of str"):
+        tiny_te(["ok", None])
+    with pytest.raises(ValueError, match="blank prompt"):
+        tiny_te(["   "])
+
+
+def test_tiny_text_encoder_save_load(tmp_path, tiny_te):
+    save_text_encoder(tiny_te, tmp_path)
+    loaded = load_text_encoder(tmp_path)
+    prompts = ["a yellow star spins", ""]
+    for a, b in zip(tiny_te(prompts), loaded(prompts)):
+        assert torch.equal(a, b)
+    with pytest.raises(FileNotFoundError, match="no saved text encoder"):
+        load_text_encoder(tmp_path / "missing")
+
+
+def test_text_weights_from_full_open_clip_checkpoint(tmp_path):
+    """A CLIP checkpoint (vision + text, like ViT-H-14's) fills the text tower; features match CLIP's."""
+    torch.manual_seed(0)
+    clip = open_clip.CLIP(embed_dim=TINY_TEXT_CONFIG["embed_dim"], text_cfg=TINY_TEXT_CONFIG["text_cfg"],
+                          vision_cfg=dict(image_size=16, patch_size=8, width=32, layers=1,
+                                          head_width=16)).eval()
+    torch.save({"state_dict": clip.state_dict()}, tmp_path / "clip.pt")
+    te = load_open_clip_text_weights(TextEncoder(TINY_TEXT_CONFIG), tmp_path / "clip.pt")
+    prompts = ["a purple circle", ""]
+    with torch.no_grad():
+        torch.testing.assert_close(te(prompts)[1], clip.encode_text(open_clip.tokenize(prompts)))
+    torch.save({"something": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="no open_clip text tower"):
+        load_open_clip_text_weights(TextEncoder(TINY_TEXT_CONFIG), tmp_path / "bad.pt")
+
+
+def test_vit_h14_text_tower_on_meta():
+    with torch.device("meta"):
+        te = TextEncoder(open_clip.get_model_config("ViT-H-14"))
+    assert te.width == 1024 and te.embed_dim == 1024
+    tokens, pooled = te(["an astronaut dances in the desert", ""])
+    assert tokens.shape == (2, 77, 1024) and tokens.is_meta and pooled.shape == (2, 1024)
+    assert 350e6 < sum(p.numel() for p in te.parameters()) < 360e6
+
+
+# --- UNet ----------------------------------------------------------------------
+
+def test_sd_folder_loads_offline(tmp_path):
+    torch.manual_seed(0)
+    unet = tiny_unet(cross_attention_dim=64, sample_size=8).eval()
+    unet.save_pretrained(tmp_path / "unet")
+    sd_scheduler("v_prediction").save_pretrained(tmp_path / "scheduler")
+    loaded, schedule = load_sd_unet(str(tmp_path))
+    assert schedule == dict(prediction_type="v_prediction", num_train_timesteps=1000,
+                            beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    x, t, tokens = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.randn(2, 77, 64)
+    with torch.no_grad():
+        assert torch.equal(unet_model_fn(unet)(x, t, tokens),
+                           unet_model_fn(loaded.eval())(x, t, tokens))
+    assert Diffusion(**schedule).ddim_timesteps(2) == [501, 1]
+
+
+def test_sd_folder_without_unet_fails(tmp_path):
+    sd_scheduler().save_pretrained(tmp_path / "scheduler")
+    with pytest.raises(FileNotFoundError, match="lacks unet/config.json"):
+        load_sd_unet(str(tmp_path))
+
+
+def test_build_unet(tmp_path):
+    te = build_text_encoder("tiny")
+    unet, schedule = build_unet(content.PRESETS["tiny"], (3, 8, 8), te.width)
+    assert unet.config.cross_attention_dim == te.width and Diffusion(**schedule).prediction_type == "v_prediction"
+    tokens, _ = te(["a red circle"])
+    assert unet_model_fn(unet)(torch.randn(1, 3, 8, 8), torch.tensor([5]), tokens).shape == (1, 3, 8, 8)
+    # an SD folder: the schedule comes from its scheduler config; the frame space must match
+    tiny_unet(cross_attention_dim=te.width, sample_size=8).save_pretrained(tmp_path / "unet")
+    sd_scheduler("epsilon").save_pretrained(tmp_path / "scheduler")
+    config = ContentConfig(sd=str(tmp_path))
+    assert build_unet(config, (3, 8, 8), te.width)[1]["prediction_type"] == "epsilon"
+    with pytest.raises(ValueError, match="takes 3-channel frames"):
+        build_unet(config, (4, 8, 8), te.width)
+    DDIMScheduler(beta_schedule="linear").save_pretrained(tmp_path / "scheduler")
+    with pytest.raises(ValueError, match="scaled_linear"):
+        load_sd_unet(str(tmp_path))
+
+
+def test_sd21_unet_on_meta():
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD21_UNET_CONFIG)
+    n = sum(p.numel() for p in unet.parameters())
+    assert abs(n - 865_910_724) / 865_910_724 < 0.005
+    out = unet(torch.randn(1, 4, 64, 128, device="meta"), torch.tensor([10], device="meta"),
+               encoder_hidden_states=torch.randn(1, 77, 1024, device="meta")).sample
+    assert out.shape == (1, 4, 64, 128)
+
+
+# ==================================================================================================
+# motion.py: the motion DiT
+# ==================================================================================================
+
+TINY_DIT = motion.PRESETS["tiny"]
+TINY_DIT_XATTN = replace(TINY_DIT, cross_attention=True)
+
+
+def perturbed_model(config, seed=0):
+    """A model moved away from its zero init, so that its output is not trivially 0."""
+    torch.manual_seed(seed)
+    model = MotionDiT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("config", [TINY_DIT, TINY_DIT_XATTN], ids=["tiny", "tiny+cross_attention"])
+def test_output_is_exactly_zero_at_init(config):
+    torch.manual_seed(0)
+    inputs = example_inputs(config, batch=2)
+    out = MotionDiT(config)(*inputs)
+    assert out.shape == inputs[0].shape
+    assert torch.equal(out, torch.zeros_like(out))  # adaLN-Zero gates + zero final layer
+
+
+def test_cfg_in_one_batch_equals_two_passes():
+    model = perturbed_model(TINY_DIT_XATTN)
+    z, t, content, tokens, pooled = example_inputs(TINY_DIT_XATTN, batch=2)
+    _, _, _, null_tokens, null_pooled = example_inputs(TINY_DIT_XATTN, batch=2)  # stands in for ""
+    with torch.no_grad():
+        cond = model(z, t, content, tokens, pooled)
+        uncond = model(z, t, content, null_tokens, null_pooled)
+        both = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([content, content]),
+                     torch.cat([tokens, null_tokens]), torch.cat([pooled, null_pooled]))
+    assert not torch.allclose(cond, uncond)  # the text really conditions the output
+    torch.testing.assert_close(both, torch.cat([cond, uncond]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_attention_matches_naive_softmax(cross):
+    torch.manual_seed(0)
+    dim, heads, context_dim = 32, 4, 24
+    attn = Attention(dim, heads, context_dim=context_dim if cross else None)
+    x = torch.randn(2, 7, dim)
+    context = torch.randn(2, 5, context_dim) if cross else x
+    q = x @ attn.to_q.weight.T + attn.to_q.bias
+    k, v = (context @ attn.to_kv.weight.T + attn.to_kv.bias).chunk(2, dim=-1)
+    split = lambda a: a.reshape(a.shape[0], a.shape[1], heads, dim // heads).transpose(1, 2)
+    q, k, v = split(q), split(k), split(v)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / (dim // heads) ** 0.5, dim=-1)
+    naive = (weights @ v).transpose(1, 2).reshape(2, 7, dim) @ attn.proj.weight.T + attn.proj.bias
+    ours = attn(x, context if cross else None)
+    torch.testing.assert_close(ours, naive, atol=1e-5, rtol=1e-5)
+
+
+def test_paper_preset_size_and_flops_on_meta():
+    config = motion.PRESETS["paper"]
+    params, flops1 = params_and_flops(config, batch=1)
+    _, flops2 = params_and_flops(config, batch=2)
+    print(f"\nmotion DiT paper preset (DiT-XL/2, 384 motion + 128 content tokens): "
+          f"{params / 1e6:.1f} M params, {flops1 / 1e12:.3f} TFLOPs/forward at batch 1, "
+          f"{flops2 / 1e12:.3f} at batch 2 (CFG); CFG sampling: {50 * flops2 / 1e12:.1f} TFLOPs "
+          f"for 50 steps, {100 * flops2 / 1e12:.1f} for the paper's 100")
+    # DiT-XL/2 is ~675 M parameters (DiT paper); with SD-2.1's 866 M UNet that is the
+    # paper's "1.6B" for CMD (Table 10).
+    assert 600e6 < params < 750e6
+    # ~28 blocks x 2 x 16 M weights x 512 tokens: 0.3-0.7 TFLOPs; CFG doubles it exactly.
+    assert 0.3e12 < flops1 < 0.7e12
+    assert flops2 == 2 * flops1
+
+
+def test_flops_match_the_papers_training_table():
+    # Paper Table 8: motion diffusion, 16 frames at 512x512 (SD latents 64x64), batch 1:
+    # 0.14 "TFLOPs" from fvcore, which counts a multiply-add once; FlopCounterMode counts 2.
+    config = replace(motion.PRESETS["paper"], latent_w=32, frame_width=64)
+    _, flops = params_and_flops(config, batch=1)
+    print(f"\n512x512: {flops / 2e12:.3f} T multiply-adds per forward (paper: 0.14)")
+    assert 0.12 < flops / 2e12 < 0.17
+
+
+def test_save_load_roundtrip(tmp_path):
+    model = perturbed_model(TINY_DIT_XATTN)
+    save_file(model.state_dict(), tmp_path / "motion.safetensors")
+    (tmp_path / "motion.json").write_text(json.dumps(model.config.to_dict()))
+
+    config = MotionConfig.from_dict(json.loads((tmp_path / "motion.json").read_text()))
+    loaded = MotionDiT(config).eval()
+    loaded.load_state_dict(load_file(tmp_path / "motion.safetensors"))
+    inputs = example_inputs(TINY_DIT_XATTN, batch=2)
+    with torch.no_grad():
+        out = model(*inputs)
+    assert out.abs().max() > 0.1
+    with torch.no_grad():
+        assert torch.equal(loaded(*inputs), out)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = perturbed_model(TINY_DIT_XATTN).train()
+    inputs = example_inputs(TINY_DIT_XATTN, batch=2)
+    grads = []
+    for _ in range(2):
+        model.zero_grad()
+        model(*inputs).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        model.enable_gradient_checkpointing()  # for the second pass
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)
+
+
+def test_a_few_steps_fit_a_fixed_batch():
+    torch.manual_seed(0)
+    model = MotionDiT(TINY_DIT).train()
+    inputs = example_inputs(TINY_DIT, batch=4)
+    target = torch.randn_like(inputs[0])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        loss = (model(*inputs) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    print(f"\nloss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_wrong_latent_shape_is_a_clear_error():
+    z, *rest = example_inputs(TINY_DIT, batch=1)
+    with pytest.raises(ValueError, match="motion latent"):
+        MotionDiT(TINY_DIT)(z[:, :, :-2], *rest)
+
+
+def test_pure_bf16_weights_run_without_autocast():
+    model = perturbed_model(TINY_DIT_XATTN).to(torch.bfloat16)
+    inputs = [x.to(torch.bfloat16) for x in example_inputs(TINY_DIT_XATTN, batch=2)]
+    with torch.no_grad():
+        out = model(*inputs)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+# ==================================================================================================
+# sample.py: text -> video, the shapes detector, failures of the command line
+# ==================================================================================================
+
+def make_run(run_dir, ae_config=ae.PRESETS["tiny"]):
+    """Freshly initialised tiny stages, built and saved the way ae.py, content.py and motion.py do."""
+    torch.manual_seed(0)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data.save_stage(run_dir, "ae", ae.Autoencoder(ae_config), 0, asdict(ae_config))
+    te = content.build_text_encoder("tiny")
+    content.save_text_encoder(te, run_dir)
+    c = ae_config
+    unet = content.tiny_unet(te.width, (c.height, c.width), c.channels)
+    schedule = {"prediction_type": "v_prediction"}
+    data.save_stage(run_dir, "content", unet, 0, {"content": asdict(content.PRESETS["tiny"]), "unet": dict(unet.config),
+                                             "schedule": schedule, "text_weights": None})
+    dit = motion.MotionDiT(motion.config_for("tiny", None, ae_config, te))
+    data.save_stage(run_dir, "motion", dit, 0, {"model": dit.config.to_dict(), "schedule": schedule, "cfg_scale": 3.0})
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("run"))
+
+
+def test_prompt_to_video_files(run_dir, tmp_path):
+    prompt = "a red circle moving left on a dark background"
+    sample.main([prompt, "--run", str(run_dir), "--steps", "2", "--out", str(tmp_path / "out"), "--seed", "3"])
+    stem = tmp_path / "out" / "a-red-circle-moving-left-on-a-dark-background-3"
+    for suffix in (".mp4", ".gif"):
+        assert data.read_video(f"{stem}{suffix}").shape == (16, 32, 32, 3)
+    assert Image.open(f"{stem}.png").size == (32, 32)
+
+
+def test_batch_of_videos_per_prompt_from_a_file(run_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a blue square growing on a light background\n\n  a green triangle moving up  \n")
+    sample.main(["--prompts", str(prompts), "--run", str(run_dir), "--steps", "2", "--num", "2",
+                 "--format", "gif", "--out", str(tmp_path)])
+    names = sorted(p.name for p in tmp_path.glob("*.gif"))
+    assert names == [f"a-blue-square-growing-on-a-light-background-0-{k}.gif" for k in (0, 1)] + \
+                    [f"a-green-triangle-moving-up-0-{k}.gif" for k in (0, 1)]
+    a, b = (data.read_video(tmp_path / name) for name in names[:2])
+    assert not np.array_equal(a, b)  # two different videos in one batch
+
+
+def test_same_seed_same_video(run_dir):
+    pipe = sample.Pipeline(run_dir, "cpu")
+
+    def generate(seed):
+        return pipe(["a yellow triangle rotating on a dark background"], 2, 3.0, 3.0,
+                    torch.Generator("cpu").manual_seed(seed), progress=False)[0]
+
+    first = generate(0)
+    assert first.shape == (1, 16, 3, 32, 32)
+    assert torch.equal(first, generate(0))
+    assert not torch.equal(first, generate(1))
+
+
+def test_detector_reads_real_videos():
+    """The detector's own error rate, on videos drawn by data.py: both splits, all backgrounds."""
+    truth, found = [], []
+    for dataset in (data.ShapesDataset(150, seed=7), data.ShapesDataset(50, seed=7, split="heldout")):
+        for i in range(len(dataset)):
+            attributes = dataset.attributes(i)
+            s = attributes["shapes"][0]
+            truth.append((s["color"], s["shape"], s["motion"]))
+            found.append(sample.detect(data.render_shapes(attributes)))
+    color, shape, motion_ = sample.accuracy(found, truth)
+    print(f"\ndetector on {len(truth)} real videos: color {color:.3f}, shape {shape:.3f}, motion {motion_:.3f}")
+    assert min(color, shape, motion_) >= 0.98
+    assert sample.detect(np.full((16, 32, 32, 3), 128, np.uint8)) == ("none",) * 3
+
+
+def test_eval_specs_cover_held_out_and_background():
+    specs = sample.eval_specs(200)
+    assert sum(s[:3] in sample.HELDOUT_COMBOS for s in specs) == 50
+    assert {s[0] for s in specs} == set(data.COLORS) and {s[3] for s in specs} == {"dark", "light", "gradient"}
+    assert ("red", "circle", "rotating") not in {s[:3] for s in specs}
+    attributes = sample.real_attributes(specs[:20])
+    assert [tuple(a["shapes"][0][k] for k in ("color", "shape", "motion")) for a in attributes] == \
+           [s[:3] for s in specs[:20]]
+
+
+def test_eval_shapes_prints_table_and_json(run_dir, capsys):
+    sample.main(["--eval-shapes", "4", "--steps", "2", "--run", str(run_dir)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["n"] == 4 and summary["heldout_n"] == 1
+    assert summary["real_color_acc"] == summary["real_shape_acc"] == summary["real_motion_acc"] == 1.0
+    assert all(0 <= summary[k] <= 1 for k in ("color_acc", "shape_acc", "motion_acc", "ae_motion_acc"))
+    assert any(line.startswith("| real videos | 4 |") for line in lines)
+
+
+# --- bad input: one line on stderr, exit status 2 ------------------------------------------
+
+def fails_with(argv, capsys, *words):
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "error" in err, err
+    for word in words:
+        assert word in err, err
+
+
+def test_missing_and_half_written_runs(run_dir, tmp_path, capsys):
+    fails_with(["a red circle", "--run", str(tmp_path / "nowhere"), "--out", str(tmp_path)], capsys,
+               "not found", "python ae.py")
+    half = shutil.copytree(run_dir, tmp_path / "half")
+    info = json.loads((half / "motion.json").read_text())
+    (half / "motion.json").write_text(json.dumps({**info, "step": 7}))  # weights still at step 0
+    fails_with(["a red circle", "--run", str(half), "--out", str(tmp_path)], capsys, "half-written")
+
+
+def test_run_without_its_tiny_text_encoder_is_incomplete(run_dir, tmp_path, capsys):
+    incomplete = shutil.copytree(run_dir, tmp_path / "incomplete")
+    for path in incomplete.glob("text_encoder.*"):
+        path.unlink()
+    files = sorted(incomplete.iterdir())
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        content.load_content(incomplete)
+    assert sorted(incomplete.iterdir()) == files  # loading writes nothing into the run
+    fails_with(["a red circle", "--run", str(incomplete), "--out", str(tmp_path)], capsys, "incomplete")
+
+
+def test_missing_default_checkpoint_says_how_to_make_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sample, "DEFAULT_RUN", tmp_path / "checkpoints" / "shapes-tiny")
+    fails_with(["a red circle", "--out", str(tmp_path)], capsys, "python ae.py --out", "python motion.py --out")
+
+
+def test_run_mixing_presets(run_dir, tmp_path, capsys):
+    mixed = shutil.copytree(run_dir, tmp_path / "mixed")
+    small = replace(ae.PRESETS["tiny"], height=16, width=16)  # an AE of another preset
+    data.save_stage(mixed, "ae", ae.Autoencoder(small), 0, asdict(small))
+    fails_with(["a red circle", "--run", str(mixed), "--out", str(tmp_path)], capsys, "mixes stages")
+
+
+def test_bad_prompts_and_output_folder(run_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    fails_with(["--prompts", str(empty), "--run", str(run_dir)], capsys, "no prompts")
+    fails_with(["   ", "--run", str(run_dir)], capsys, "blank")
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    fails_with(["a red circle", "--run", str(run_dir), "--out", str(a_file / "out")], capsys, "cannot write")
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(Path(sample.__file__)), "a red circle", "--run", str(tmp_path)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.strip().startswith("sample.py: error:")
+
+
+# ==================================================================================================
+# sample.py --bench: FLOPs, and the timing path at toy size
+# ==================================================================================================
+
+# The benchmark's setup at toy size: 4 frames of 4 x 8 x 16 latents, every network tiny.
+TINY_SETUP = dict(
+    unet=dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+              norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2, cross_attention_dim=16),
+    unet3d=dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                norm_num_groups=8, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), attention_head_dim=8, cross_attention_dim=16),
+    vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+             norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+    ae=ae.AEConfig(frames=4, channels=4, patch=2, hidden=16, heads=2, encoder_depth=1, decoder_depth=1, motion_dim=4),
+    motion=MotionConfig(frames=4, content_patch=4, text_dim=16, pooled_dim=16, hidden=16, depth=1, heads=2),
+    sample_latent=(8, 16), train_latent=(8, 8), steps=2, text_len=77, cfg_scale=7.5,
+)
+
+
+def on_meta(*shape, grad=False):
+    return torch.empty(*shape, device="meta", requires_grad=grad)
+
+
+@pytest.mark.parametrize("counter", [data.count_flops, lambda fn: count_flops_and_attention(fn)[0]])
+def test_linear_flops_match_hand_count(counter):
+    # y = x W^T + b: one multiply-add (2 FLOPs) per (row, input, output); the bias add is not counted.
+    batch, tokens, d_in, d_out = 3, 5, 8, 16
+    layer = nn.Linear(d_in, d_out, device="meta")
+    assert counter(lambda: layer(on_meta(batch, d_in))) == 2 * batch * d_in * d_out
+    assert counter(lambda: layer(on_meta(batch, tokens, d_in))) == 2 * batch * tokens * d_in * d_out
+
+
+def test_attention_flops_match_hand_count():
+    # softmax(Q K^T / sqrt(d)) V: Q K^T is (N x d)(d x N), P V is (N x N)(N x d), each N*N*d
+    # multiply-adds per (batch, head): 4 B H N^2 d FLOPs in all, and all of it is attention.
+    b, h, n, d = 2, 3, 10, 8
+    q = on_meta(b, h, n, d)
+    attention = lambda: F.scaled_dot_product_attention(q, q, q)
+    assert data.count_flops(attention) == 4 * b * h * n * n * d
+    assert count_flops_and_attention(attention) == (4 * b * h * n * n * d,) * 2
+    # ... and a linear layer is none of it, even on (b, n, d) tokens
+    assert count_flops_and_attention(lambda: nn.Linear(d, d, device="meta")(on_meta(b, n, d)))[1] == 0
+
+
+def test_attention_backward_is_twice_the_forward():
+    # the basis of "a training step ~ 3 forwards": dQ, dK, dV, dP are four more matmuls of the same size
+    b, h, n, d = 1, 2, 6, 4
+    q = on_meta(b, h, n, d, grad=True)
+    forward = data.count_flops(lambda: F.scaled_dot_product_attention(q, q, q))
+    assert data.count_flops(lambda: F.scaled_dot_product_attention(q, q, q).sum().backward()) == 3 * forward
+
+
+def test_modelscope_step_matches_mission_and_paper():
+    # One CFG step of ModelScope's 3D UNet on 16 frames of 64x128 latents: MISSION.md's 91.0 TFLOPs;
+    # in the paper's convention (MACs, one branch, no attention) x 50 steps, Table 9's 939.0 within 2%.
+    unet3d = build(PAPER_SETUP, ["unet3d"], (64, 128), "meta")["unet3d"]
+    with torch.device("meta"), torch.no_grad():
+        video, tokens = torch.empty(2, 4, 16, 64, 128), torch.empty(2, 77, 1024)  # CFG batch 2
+        flops, attention = count_flops_and_attention(lambda: unet3d(video, torch.zeros(2), encoder_hidden_states=tokens))
+    assert round(flops / 1e12, 1) == 91.0
+    assert abs(50 * (flops - attention) / 4 / 1e12 - 939.0) < 0.02 * 939.0
+
+
+def test_sampling_flops_tiny_cmd_below_modelscope():
+    costs = sampling_flops(TINY_SETUP)
+    total = {system: sum(p.tflops for p in parts) for system, parts in costs.items()}
+    assert set(total) == set(SYSTEMS) and all(t > 0 for t in total.values())
+    assert total["CMD"] < total["ModelScope"]
+    for parts in costs.values():
+        for p in parts:
+            assert 0 <= p.attention < p.flops and p.calls in (TINY_SETUP["steps"], 1, TINY_SETUP["ae"].frames)
+    # frame-wise SD runs the content UNet on all frames: exactly L times CMD's content UNet
+    assert costs["frame-wise SD"][0].flops == TINY_SETUP["ae"].frames * costs["CMD"][0].flops
+
+
+def test_training_flops_tiny_positive_and_backward_costs_more():
+    for name, (step, forward, attention) in training_flops(TINY_SETUP).items():
+        assert 0 <= attention < forward < step, name
+        assert step < 4 * forward, name  # backward ~ 2 forwards, plus a little
+
+
+@pytest.mark.parametrize("system", list(SYSTEMS))
+def test_sample_video_runs_tiny(system):
+    # The GPU timing path (real DDIM with batched CFG, then the SD decode) at toy size on the CPU.
+    nets = build(TINY_SETUP, SYSTEMS[system][0], TINY_SETUP["sample_latent"], "cpu")
+    text = random_text(TINY_SETUP, "cpu", torch.float32)
+    video = sample_video(system, nets, text, TINY_SETUP)
+    h, w = TINY_SETUP["sample_latent"]
+    assert video.shape == (1, TINY_SETUP["ae"].frames, 3, 2 * h, 2 * w)  # the tiny VAE upsamples x2
+    assert torch.isfinite(video).all()
+
+
+def test_bench_prints_tables_and_json_last(capsys):
+    result = bench(torch.device("cpu"), TINY_SETUP)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1]) == result
+    assert {"cmd_tflops", "modelscope_tflops", "framewise_tflops", "flops_seconds"} <= set(result)
+    assert "| CMD |" in "\n".join(out)
+
+
+def test_bench_flag_needs_no_prompt_or_checkpoint(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sample, "bench", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setattr(sample, "DEFAULT_RUN", tmp_path / "missing")
+    sample.main(["--bench", "--compile", "--device", "cpu"])
+    assert calls == [((torch.device("cpu"),), dict(runs=3, compile_models=True))]
+    for argv in (["--bench", "a red circle"], ["a red circle", "--compile"]):
+        with pytest.raises(SystemExit) as e:
+            sample.main(argv)
+        assert e.value.code == 2
