@@ -47,6 +47,10 @@ class AEConfig:
     motion_dim: int = 8    # D: channels of each motion token
     sd: str = ""           # Stable Diffusion folder or hub id whose VAE is the frame space ("" = pixels)
 
+    @property
+    def video_size(self):  # side of the pixel videos: the SD VAE downsamples 8x
+        return self.height * (8 if self.sd else 1)
+
 
 PRESETS = {
     # 32x32 pixels, 8x8 tokens per frame, width 64: ~0.2 s per step of 8 videos on 2 CPU cores.
@@ -229,6 +233,21 @@ def load_ae(run_dir, device="cpu"):
     return ae.to(device).eval().requires_grad_(False), FrameSpace(ae.config.sd, device)
 
 
+def add_latent_args(parser):
+    """Flags of the stages that train on the AE's latents (content.py, motion.py)."""
+    parser.add_argument("--ae", default=None, help="run directory of a trained AE (default: --out)")
+    parser.add_argument("--cache", action="store_true", help="encode the dataset with the AE once, keep it on disk")
+
+
+def latent_dataset(args, ae, frame_space, device):
+    """The videos of --data, or with --cache their (content frame, motion latent) pairs."""
+    c = ae.config
+    dataset = make_dataset(args.data, frames=c.frames, size=c.video_size, seed=args.seed)
+    if args.cache:
+        dataset = cache_latents(ae, frame_space, dataset, Path(args.out) / "latents.safetensors", device)
+    return dataset
+
+
 def encode_videos(ae, frame_space, batch):
     """A training batch for stages 2 and 3 -> (content_frame, motion_latent, captions).
 
@@ -284,9 +303,7 @@ def print_costs(config, batch_size=1):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=PRESETS)
-    parser.add_argument("--data", default="shapes", help='"shapes", a CSV of path,caption, or a folder of class folders')
     parser.add_argument("--sd", default=None, help="Stable Diffusion folder or hub id: its VAE is the frame space")
-    parser.add_argument("--flops", action="store_true", help="print parameters and FLOPs per step, then exit")
     add_training_args(parser, steps=2400, batch_size=8, lr=2e-3, every=400)
     args = parser.parse_args()
     config = PRESETS[args.preset]
@@ -298,9 +315,8 @@ def main():
             print("(the SD VAE encoder that makes the frames is frozen and not counted)")
         return
     args.out = args.out or f"runs/{args.preset}"
-    pixel_size = config.height * (8 if config.sd else 1)
-    dataset = make_dataset(args.data, frames=config.frames, size=pixel_size, seed=args.seed)
-    val_videos = torch.stack([make_dataset("shapes", frames=config.frames, size=pixel_size, seed=10_000)[i][0]
+    dataset = make_dataset(args.data, frames=config.frames, size=config.video_size, seed=args.seed)
+    val_videos = torch.stack([make_dataset("shapes", frames=config.frames, size=config.video_size, seed=10_000)[i][0]
                               for i in range(32)]) if args.data == "shapes" else None
     _, _, device = setup_distributed()
     frame_space = FrameSpace(config.sd, device)

@@ -36,8 +36,8 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from ae import PRESETS as AE_PRESETS
-from ae import cache_latents, encode_videos, load_ae
-from data import (add_training_args, count_flops, load_stage, make_dataset, save_safetensors_atomic,
+from ae import add_latent_args, encode_videos, latent_dataset, load_ae
+from data import (add_training_args, count_flops, load_stage, save_safetensors_atomic,
                   setup_distributed, train, video_to_uint8, write_image, write_json_atomic)
 
 # -----------------------------------------------------------------------------
@@ -440,12 +440,9 @@ def build_unet(config, frame_shape, text_width):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=PRESETS)
-    parser.add_argument("--data", default="shapes", help='"shapes", a CSV of path,caption, or a folder of class folders')
-    parser.add_argument("--ae", default=None, help="run directory of a trained AE (default: --out)")
     parser.add_argument("--sd", default=None, help="Stable Diffusion folder or hub id (its unet/ and scheduler/)")
     parser.add_argument("--text-weights", default=None, help="local open_clip checkpoint of the text encoder")
-    parser.add_argument("--cache", action="store_true", help="encode the dataset with the AE once, keep it on disk")
-    parser.add_argument("--flops", action="store_true", help="print parameters and FLOPs per step, then exit")
+    add_latent_args(parser)
     add_training_args(parser, steps=1200, batch_size=16, lr=1e-3, every=400)
     args = parser.parse_args()
     config = PRESETS[args.preset]
@@ -462,9 +459,7 @@ def main():
     te = text_encoder_for_run(args.out, config, args.text_weights).to(device)
     unet, schedule = build_unet(config, frame_shape, te.width)
     diffusion = Diffusion(**schedule)
-    dataset = make_dataset(args.data, frames=c.frames, size=c.height * (8 if c.sd else 1), seed=args.seed)
-    if args.cache:
-        dataset = cache_latents(ae, frame_space, dataset, Path(args.out) / "latents.safetensors", device)
+    dataset = latent_dataset(args, ae, frame_space, device)
 
     def loss_fn(model, batch):
         content_frame, _, captions = encode_videos(ae, frame_space, batch)

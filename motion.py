@@ -25,7 +25,7 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
-from ae import cache_latents, encode_videos, load_ae, sincos, sincos_grid
+from ae import add_latent_args, encode_videos, latent_dataset, load_ae, sincos, sincos_grid
 from content import PRESETS as CONTENT_PRESETS
 from content import Diffusion, drop_prompts, text_encoder_for_run
 from data import (add_training_args, load_stage, make_dataset, setup_distributed, train, video_to_uint8,
@@ -320,11 +320,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=PRESETS)
     parser.add_argument("--size", default=None, choices=DIT_SIZES, help="override the preset's DiT width/depth")
-    parser.add_argument("--data", default="shapes", help='"shapes", a CSV of path,caption, or a folder of class folders')
-    parser.add_argument("--ae", default=None, help="run directory of a trained AE (default: --out)")
     parser.add_argument("--text-weights", default=None, help="local open_clip checkpoint of the text encoder")
-    parser.add_argument("--cache", action="store_true", help="encode the dataset with the AE once, keep it on disk")
-    parser.add_argument("--flops", action="store_true", help="print parameters and FLOPs, then exit")
+    add_latent_args(parser)
     parser.add_argument("--cfg-scale", type=float, default=3.0, help="guidance of the samples written at the end")
     add_training_args(parser, steps=1500, batch_size=32, lr=1e-3, every=500)
     args = parser.parse_args()
@@ -341,10 +338,7 @@ def main():
     model = MotionDiT(config_for(args.preset, args.size, ae.config, te))
     diffusion_schedule = {"prediction_type": "v_prediction"}
     diffusion = Diffusion(**diffusion_schedule)
-    a = ae.config
-    dataset = make_dataset(args.data, frames=a.frames, size=a.height * (8 if a.sd else 1), seed=args.seed)
-    if args.cache:
-        dataset = cache_latents(ae, frame_space, dataset, Path(args.out) / "latents.safetensors", device)
+    dataset = latent_dataset(args, ae, frame_space, device)
 
     def loss_fn(model, batch):
         content_frame, motion_latent, captions = encode_videos(ae, frame_space, batch)
@@ -362,7 +356,7 @@ def write_motion_preview(model, diffusion, ae, frame_space, te, path, device, ar
     content frame and caption, so any difference is the motion model's."""
     a = ae.config
     held_out = make_dataset("shapes", frames=a.frames, size=a.height, seed=1, split="heldout") \
-        if args.data == "shapes" else make_dataset(args.data, frames=a.frames, size=a.height * (8 if a.sd else 1))
+        if args.data == "shapes" else make_dataset(args.data, frames=a.frames, size=a.video_size)
     videos = torch.stack([held_out[i][0] for i in range(n)]).to(device)
     captions = [held_out[i][1] for i in range(n)]
     content_frame, _ = ae.encode(frame_space.encode(videos))
