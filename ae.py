@@ -18,7 +18,7 @@ preset) or per-frame Stable Diffusion VAE latents (paper preset, `--sd`).
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -306,9 +306,7 @@ def main():
     parser.add_argument("--sd", default=None, help="Stable Diffusion folder or hub id: its VAE is the frame space")
     add_training_args(parser, steps=2400, batch_size=8, lr=2e-3, every=400)
     args = parser.parse_args()
-    config = PRESETS[args.preset]
-    if args.sd is not None:
-        config.sd = args.sd
+    config = PRESETS[args.preset] if args.sd is None else replace(PRESETS[args.preset], sd=args.sd)
     if args.flops:
         print_costs(config)
         if config.sd:

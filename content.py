@@ -22,7 +22,7 @@ import argparse
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import open_clip
@@ -445,9 +445,7 @@ def main():
     add_latent_args(parser)
     add_training_args(parser, steps=1200, batch_size=16, lr=1e-3, every=400)
     args = parser.parse_args()
-    config = PRESETS[args.preset]
-    if args.sd is not None:
-        config.sd = args.sd
+    config = PRESETS[args.preset] if args.sd is None else replace(PRESETS[args.preset], sd=args.sd)
     args.out = args.out or f"runs/{args.preset}"
     if args.flops:  # on `meta`, at the AE preset's frame shape: no run needed
         c = AE_PRESETS[args.preset]
