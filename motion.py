@@ -280,13 +280,17 @@ def params_and_flops(config, batch=1):
 # v-prediction, the same as the tiny content model, so there is one schedule to read.)
 # ---------------------------------------------------------------------------------------
 
+def shapes_from(ae_config, text_encoder):
+    """The MotionConfig fields fixed by the AE (latent and frame shapes) and the text encoder."""
+    a = ae_config
+    return dict(frames=a.frames, latent_h=a.height // a.patch, latent_w=a.width // a.patch, latent_dim=a.motion_dim,
+                frame_channels=a.channels, frame_height=a.height, frame_width=a.width,
+                text_dim=text_encoder.width, pooled_dim=text_encoder.embed_dim)
+
+
 def config_for(preset, size, ae_config, text_encoder):
     """The preset with every shape taken from the AE and text encoder it must fit."""
-    a = ae_config
-    hp, wp = a.height // a.patch, a.width // a.patch
-    return replace(PRESETS[preset], **(DIT_SIZES[size] if size else {}), frames=a.frames, latent_h=hp,
-                   latent_w=wp, latent_dim=a.motion_dim, frame_channels=a.channels, frame_height=a.height,
-                   frame_width=a.width, text_dim=text_encoder.width, pooled_dim=text_encoder.embed_dim)
+    return replace(PRESETS[preset], **(DIT_SIZES[size] if size else {}), **shapes_from(ae_config, text_encoder))
 
 
 def dit_model_fn(model):

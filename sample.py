@@ -51,7 +51,7 @@ from content import SD21_UNET_CONFIG, Diffusion, load_content, sample_content_fr
 from data import (BACKGROUNDS, COLORS, HELDOUT_COMBOS, MOTIONS, SHAPES, ShapesDataset, caption_for,
                   render_shapes, uint8_to_video, video_to_uint8, write_image, write_video)
 from motion import PRESETS as MOTION_PRESETS
-from motion import MotionDiT, dit_model_fn, example_inputs, load_motion, sample_motion
+from motion import MotionDiT, dit_model_fn, example_inputs, load_motion, sample_motion, shapes_from
 
 DEFAULT_RUN = Path(__file__).parent / "checkpoints" / "shapes-tiny"
 HOW_TO_TRAIN = "python ae.py --out {0} && python content.py --out {0} && python motion.py --out {0}"
@@ -83,9 +83,7 @@ class Pipeline:
 def check_fit(run_dir, a, te, unet, m):
     """Stages trained with different presets load fine and fail later with a shape error:
     compare what the DiT and UNet were built for with what the AE and text encoder make."""
-    made = dict(frames=a.frames, latent_h=a.height // a.patch, latent_w=a.width // a.patch, latent_dim=a.motion_dim,
-                frame_channels=a.channels, frame_height=a.height, frame_width=a.width,
-                text_dim=te.width, pooled_dim=te.embed_dim)
+    made = shapes_from(a, te)
     wrong = [f"motion {k}={getattr(m, k)} but AE/text give {v}" for k, v in made.items() if getattr(m, k) != v]
     if unet.in_channels != a.channels or unet.cross_attention_dim != te.width:
         wrong.append(f"content UNet takes {unet.in_channels}-channel frames and {unet.cross_attention_dim}-wide "
