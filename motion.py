@@ -55,6 +55,8 @@ class MotionConfig:
     depth: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
+    # training only: Min-SNR-gamma loss weights (content.Diffusion.loss); None for the paper's plain loss
+    snr_gamma: float | None = 5.0
 
     def __post_init__(self):
         # A token must not straddle the height/width boundary of z, nor the frame edge.
@@ -92,7 +94,7 @@ PRESETS = {
     "paper": MotionConfig(
         frames=16, latent_h=32, latent_w=64, latent_dim=8, patch_frames=2, patch_tokens=2,
         frame_channels=4, frame_height=64, frame_width=128, content_patch=8,
-        text_dim=1024, pooled_dim=1024, cross_attention=False, **DIT_SIZES["XL"]),
+        text_dim=1024, pooled_dim=1024, cross_attention=False, snr_gamma=None, **DIT_SIZES["XL"]),
 }
 
 
@@ -344,10 +346,12 @@ def main():
     diffusion = Diffusion(**diffusion_schedule)
     dataset = latent_dataset(args, ae, frame_space, device)
 
+    snr_gamma = model.config.snr_gamma  # loss_fn gets the model, or its DDP wrapper
+
     def loss_fn(model, batch):
         content_frame, motion_latent, captions = encode_videos(ae, frame_space, batch)
         tokens, pooled = te(drop_prompts(captions, 0.1))  # CFG: 10% of prompts become ""
-        return diffusion.loss(dit_model_fn(model), motion_latent, (content_frame, tokens, pooled))
+        return diffusion.loss(dit_model_fn(model), motion_latent, (content_frame, tokens, pooled), snr_gamma)
 
     run_config = {"model": model.config.to_dict(), "schedule": diffusion_schedule, "cfg_scale": args.cfg_scale}
     ema = train("motion", model, loss_fn, dataset, args, run_config)

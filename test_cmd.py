@@ -458,6 +458,30 @@ def test_loss_is_zero_for_an_oracle(prediction_type):
     assert d.loss(lambda x, t, c: torch.zeros_like(x), x0, x0).item() > 0.1
 
 
+
+def test_min_snr_weights_match_the_formula_of_hang_et_al():
+    """Min-SNR-gamma: per-sample weight min(SNR, gamma) / (SNR + 1) on the v target (written out
+    here from the paper's formula), and min(SNR, gamma) / SNR on eps, which is 1 with no cap."""
+    x0 = torch.randn(16, 3, 4, 4)
+    zeros = lambda x, t, c: torch.zeros_like(x)  # noqa: E731  a model that predicts 0: error = target^2
+    v = Diffusion(prediction_type="v_prediction")
+    torch.manual_seed(0)
+    weighted = v.loss(zeros, x0, None, snr_gamma=5.0)
+    torch.manual_seed(0)  # the same t and noise again
+    t = torch.randint(0, 1000, (16,))
+    noise = torch.randn_like(x0)
+    a = v.alphas_cumprod[t]
+    snr = a / (1 - a)
+    weight = torch.minimum(snr, torch.tensor(5.0)) / (snr + 1)
+    per_sample = v.training_target(x0, noise, t).square().mean((1, 2, 3))
+    torch.testing.assert_close(weighted, (weight * per_sample).mean())
+    assert not torch.allclose(weighted, per_sample.mean())  # the weights do something
+    eps = Diffusion(prediction_type="epsilon")
+    torch.manual_seed(1)
+    uncapped = eps.loss(zeros, x0, None, snr_gamma=float("inf"))
+    torch.manual_seed(1)
+    torch.testing.assert_close(uncapped, eps.loss(zeros, x0, None))
+
 def test_cfg_scale_one_and_batched_equals_separate(tiny_te):
     torch.manual_seed(0)
     unet = tiny_unet(tiny_te.width, sample_size=8).eval()
