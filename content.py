@@ -28,7 +28,6 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from einops import rearrange
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from open_clip.transformer import TextTransformer

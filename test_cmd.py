@@ -458,7 +458,6 @@ def test_loss_is_zero_for_an_oracle(prediction_type):
     assert d.loss(lambda x, t, c: torch.zeros_like(x), x0, x0).item() > 0.1
 
 
-
 def test_min_snr_weights_match_the_formula_of_hang_et_al():
     """Min-SNR-gamma: per-sample weight min(SNR, gamma) / (SNR + 1) on the v target (written out
     here from the paper's formula), and min(SNR, gamma) / SNR on eps, which is 1 with no cap."""
@@ -481,6 +480,7 @@ def test_min_snr_weights_match_the_formula_of_hang_et_al():
     uncapped = eps.loss(zeros, x0, None, snr_gamma=float("inf"))
     torch.manual_seed(1)
     torch.testing.assert_close(uncapped, eps.loss(zeros, x0, None))
+
 
 def test_cfg_scale_one_and_batched_equals_separate(tiny_te):
     torch.manual_seed(0)
