@@ -618,6 +618,24 @@ def test_sd_folder_loads_offline(tmp_path):
     assert Diffusion(**schedule).ddim_timesteps(2) == [501, 1]
 
 
+def test_tiny_unet_hears_the_prompt_without_cross_attention():
+    # the pooled-prompt path (added to the timestep embedding) alone makes the output prompt-dependent
+    torch.manual_seed(0)
+    te, unet = build_text_encoder("tiny"), tiny_unet(cross_attention_dim=64, sample_size=8).eval()
+    model_fn = unet_model_fn(unet)
+    x, t, tokens = torch.randn(1, 3, 8, 8).expand(2, -1, -1, -1), torch.tensor([500, 500]), te(["a red", "a blue"])[0]
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if ".attn2.to_out" in name:  # silence every cross-attention
+                p.zero_()
+        out = model_fn(x, t, tokens)
+        assert not torch.allclose(out[0], out[1], atol=1e-4)
+        unet.add_embedding.norm2.weight.zero_()  # silence the pooled prompt too:
+        unet.add_embedding.norm2.bias.zero_()
+        out = model_fn(x, t, tokens)
+        assert torch.allclose(out[0], out[1], atol=1e-6)  # nothing else carried it
+
+
 def test_sd_folder_without_unet_fails(tmp_path):
     sd_scheduler().save_pretrained(tmp_path / "scheduler")
     with pytest.raises(FileNotFoundError, match="lacks unet/config.json"):
