@@ -181,9 +181,9 @@ def tiny_unet(cross_attention_dim, sample_size=32, in_channels=3):
         attention_head_dim=8,  # 8 heads (see SD21_UNET_CONFIG)
         cross_attention_dim=cross_attention_dim,
         # The prompt also enters globally, as in DeepFloyd IF: the text tokens, attention-pooled
-        # into one vector, are added to the timestep embedding of every block. Trained from
-        # scratch with cross-attention alone, the tiny UNet needed about twice the steps before
-        # the sampled shapes took the prompted colour (README). SD's UNet has no such input.
+        # into one vector, are added to the timestep embedding of every block. With cross-attention
+        # alone, 1,200 steps gave the prompted colour in 0.50 of sampled frames; with this, 1.00
+        # (README). SD's UNet has no such input.
         addition_embed_type="text", addition_embed_type_num_heads=4,
     )
 
