@@ -16,12 +16,14 @@ preset) or per-frame Stable Diffusion VAE latents (paper preset, `--sd`).
     python ae.py --preset paper --flops            # parameters and FLOPs/step on `meta`
 """
 import argparse
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
@@ -236,16 +238,24 @@ def load_ae(run_dir, device="cpu"):
 def add_latent_args(parser):
     """Flags of the stages that train on the AE's latents (content.py, motion.py)."""
     parser.add_argument("--ae", default=None, help="run directory of a trained AE (default: --out)")
-    parser.add_argument("--cache", action="store_true", help="encode the dataset with the AE once, keep it on disk")
+    parser.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                        help="encode the dataset with the AE once, keep it on disk as <out>/latents.safetensors "
+                             "(default: on for the tiny preset, where encoding is 30%% of a CPU step; off for "
+                             "paper, whose videos are too many to store and are better drawn at random clip starts)")
 
 
 def latent_dataset(args, ae, frame_space, device):
-    """The videos of --data, or with --cache their (content frame, motion latent) pairs."""
+    """The videos of --data, or with caching on their (content frame, motion latent) pairs."""
     c = ae.config
     dataset = make_dataset(args.data, frames=c.frames, size=c.video_size, seed=args.seed)
-    if args.cache:
-        dataset = cache_latents(ae, frame_space, dataset, Path(args.out) / "latents.safetensors", device)
-    return dataset
+    if not (args.cache if args.cache is not None else args.preset == "tiny"):
+        return dataset
+    # What the cache was made from: the AE's exact weights and the videos. Another AE or other
+    # videos make it stale, and it is encoded again.
+    ae_weights = Path(args.ae or args.out) / "ae.safetensors"
+    source = {"ae_sha256": hashlib.sha256(ae_weights.read_bytes()).hexdigest(), "data": str(args.data),
+              "videos": len(dataset), "seed": args.seed}
+    return cache_latents(ae, frame_space, dataset, Path(args.out) / "latents.safetensors", device, source)
 
 
 def encode_videos(ae, frame_space, batch):
@@ -262,19 +272,29 @@ def encode_videos(ae, frame_space, batch):
 
 
 @torch.no_grad()
-def cache_latents(ae, frame_space, dataset, path, device, batch_size=64):
+def cache_latents(ae, frame_space, dataset, path, device, source, batch_size=64):
     """Encode every video of `dataset` once and keep the result on disk: stages 2 and 3 then
-    train without running the AE (or the SD VAE) again. Returns a dataset of
-    (content_frame, motion_latent, caption)."""
-    path = Path(path)
-    if not path.is_file():
+    train without running the AE (or the SD VAE) again. `source` (a JSON-able dict) says what
+    the cache is made from; a cache made from anything else is encoded again. Under torchrun
+    rank 0 encodes and the others wait. Returns a dataset of (content_frame, motion_latent, caption)."""
+    path, source = Path(path), json.dumps(source, sort_keys=True)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    up_to_date = False
+    if path.is_file():
+        with safe_open(path, "pt") as f:
+            up_to_date = f.metadata().get("source") == source
+        if not up_to_date and rank == 0:
+            print(f"{path} was encoded by another AE or from other videos: encoding it again")
+    if rank == 0 and not up_to_date:
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
         content, motion, captions = [], [], []
         for videos, texts in tqdm(loader, desc=f"caching {path.name}"):
             c, m = ae.encode(frame_space.encode(videos.to(device)))
             content.append(c.cpu()), motion.append(m.cpu()), captions.extend(texts)
         tensors = {"content_frames": torch.cat(content), "motion_latents": torch.cat(motion)}
-        save_safetensors_atomic(path, tensors, {"captions": json.dumps(captions)})
+        save_safetensors_atomic(path, tensors, {"captions": json.dumps(captions), "source": source})
+    if dist.is_initialized():
+        dist.barrier()
     with safe_open(path, "pt") as f:
         captions = json.loads(f.metadata()["captions"])
         content, motion = f.get_tensor("content_frames"), f.get_tensor("motion_latents")

@@ -418,7 +418,7 @@ def write_json_atomic(path, obj):
 
 
 def save_safetensors_atomic(path, tensors, metadata=None):
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two stages may write the same cache at once
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
     os.replace(tmp, path)
 

@@ -331,6 +331,28 @@ def test_save_load_identical_outputs(tmp_path):
     assert torch.equal(loaded(video), ema(video))
 
 
+def test_latent_cache_is_reused_and_encoded_again_when_its_source_changes(tmp_path):
+    _, trained = train_micro(tmp_path, steps=2)  # the EMA model: frozen, as stages 2 and 3 load it
+    frame_space, videos, path = ae.FrameSpace("", "cpu"), micro_dataset(6), tmp_path / "latents.safetensors"
+    items = ae.cache_latents(trained, frame_space, videos, path, "cpu", {"ae": "trained"})
+    content_frames, motion_latents = trained.encode(torch.stack([videos[i][0] for i in range(6)]))
+    torch.testing.assert_close(torch.stack([c for c, _, _ in items]), content_frames)
+    torch.testing.assert_close(torch.stack([m for _, m, _ in items]), motion_latents)
+    assert [caption for _, _, caption in items] == [videos[i][1] for i in range(6)]
+
+    class NoEncoding:
+        def encode(self, frames):
+            raise AssertionError("encoded again")
+
+    again = ae.cache_latents(NoEncoding(), frame_space, videos, path, "cpu", {"ae": "trained"})  # read back
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(items, again))
+    other = ae.Autoencoder(MICRO).eval()  # another AE: the cache is stale, and encoded again
+    fresh = ae.cache_latents(other, frame_space, videos, path, "cpu", {"ae": "other"})
+    with torch.no_grad():
+        torch.testing.assert_close(fresh[0][0], other.encode(videos[0][0][None])[0][0])
+    assert not torch.allclose(fresh[0][0], items[0][0])
+
+
 def test_resume_continues_exactly(tmp_path):
     straight, _ = train_micro(tmp_path / "straight", steps=4)
     train_micro(tmp_path / "resumed", steps=2)
