@@ -213,7 +213,8 @@ def load_sd_unet(path_or_id):
     schedule = dict(prediction_type=config.get("prediction_type", "epsilon"),  # SD 1.x: no key
                     num_train_timesteps=config["num_train_timesteps"],
                     beta_start=config["beta_start"], beta_end=config["beta_end"],
-                    steps_offset=config.get("steps_offset", 0))
+                    steps_offset=config.get("steps_offset", 0),
+                    rescale_betas_zero_snr=config.get("rescale_betas_zero_snr", False))
     return unet, schedule
 
 
@@ -235,18 +236,32 @@ def unet_model_fn(unet):
 
 class Diffusion:
     def __init__(self, prediction_type="epsilon", num_train_timesteps=1000,
-                 beta_start=0.00085, beta_end=0.012, steps_offset=1):
+                 beta_start=0.00085, beta_end=0.012, steps_offset=1, rescale_betas_zero_snr=False):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError("prediction_type must be 'epsilon' or 'v_prediction', "
                              f"got {prediction_type!r}")
+        if rescale_betas_zero_snr and prediction_type != "v_prediction":
+            raise ValueError("rescale_betas_zero_snr needs v_prediction: at zero SNR x_T is pure "
+                             "noise, and predicting that noise says nothing about x_0")
         self.prediction_type, self.steps_offset = prediction_type, steps_offset
         self.num_train_timesteps = T = num_train_timesteps
         # beta_t: SD's "scaled linear" schedule, linear in sqrt(beta) from beta_start to beta_end
         # (float64 as in the original latent-diffusion code, stored as float32)
         betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
-        self.betas = betas.float()
         # alpha_t (DDIM) = alpha-bar_t (DDPM) = prod_{s<=t} (1 - beta_s)
-        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0).float()
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        if rescale_betas_zero_snr:
+            # Lin et al. 2024, Alg. 1: SD's schedule ends at alpha_T = 0.0047, so x_T still holds
+            # sqrt(0.0047) = 7% of x_0. Averaged over an image that is enough to carry its mean
+            # colour, which training teaches the UNet to read off x_T; sampling starts from pure
+            # noise, whose random mean then picks the background, whatever the prompt says. Shift
+            # and scale sqrt(alpha_t) so that it ends at exactly 0 (x_T is pure noise in training
+            # too) and starts where it did. diffusers: DDIMScheduler(rescale_betas_zero_snr=True);
+            # SD checkpoints fine-tuned this way say so in their scheduler config (load_sd_unet).
+            root = alphas_cumprod.sqrt()
+            root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+            alphas_cumprod = root ** 2
+        self.alphas_cumprod = alphas_cumprod.float()
         self._alphas_cumprod_on = {}  # device -> a copy there, made once, not at every DDIM step
 
     def _at(self, t, x):

@@ -401,11 +401,11 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path):
 # content.py: text encoder, UNet, hand-written diffusion maths and DDIM
 # ==================================================================================================
 
-def sd_scheduler(prediction_type="epsilon"):
+def sd_scheduler(prediction_type="epsilon", **kw):
     """diffusers' DDIM with Stable Diffusion's settings: the reference we did not write."""
     return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                          beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,
-                         clip_sample=False, timestep_spacing="leading", prediction_type=prediction_type)
+                         clip_sample=False, timestep_spacing="leading", prediction_type=prediction_type, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -452,6 +452,28 @@ def test_schedule_and_targets_match_diffusers():
                                atol=1e-5, rtol=0)
     torch.testing.assert_close(ours.training_target(x0, noise, t), ref.get_velocity(x0, noise, t),
                                atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_zero_terminal_snr_schedule_matches_diffusers(eta):
+    """Lin et al.'s rescaled schedule: alpha_0 kept, alpha_T exactly 0 (x_T is pure noise), and
+    every DDIM step as diffusers takes it."""
+    ref = sd_scheduler("v_prediction", rescale_betas_zero_snr=True)
+    ours = Diffusion(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    torch.testing.assert_close(ours.alphas_cumprod, ref.alphas_cumprod, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours.alphas_cumprod[0], Diffusion().alphas_cumprod[0])
+    assert ours.alphas_cumprod[-1] == 0 and Diffusion().alphas_cumprod[-1] > 0.004
+    x0, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(ours.q_sample(x0, torch.tensor([999, 999]), noise), noise)
+    ref.set_timesteps(25)
+    g = torch.Generator().manual_seed(0)
+    for t in ours.ddim_timesteps(25):
+        x_t, model_output, noise = torch.randn(3, 2, 4, 8, 8, generator=g)
+        torch.testing.assert_close(ours.ddim_step(model_output, t, x_t, 25, eta, noise),
+                                   ref.step(model_output, t, x_t, eta=eta, variance_noise=noise).prev_sample,
+                                   atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="needs v_prediction"):
+        Diffusion(prediction_type="epsilon", rescale_betas_zero_snr=True)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -629,10 +651,10 @@ def test_sd_folder_loads_offline(tmp_path):
     torch.manual_seed(0)
     unet = tiny_unet(cross_attention_dim=64, sample_size=8).eval()
     unet.save_pretrained(tmp_path / "unet")
-    sd_scheduler("v_prediction").save_pretrained(tmp_path / "scheduler")
+    sd_scheduler("v_prediction", rescale_betas_zero_snr=True).save_pretrained(tmp_path / "scheduler")
     loaded, schedule = load_sd_unet(str(tmp_path))
     assert schedule == dict(prediction_type="v_prediction", num_train_timesteps=1000,
-                            beta_start=0.00085, beta_end=0.012, steps_offset=1)
+                            beta_start=0.00085, beta_end=0.012, steps_offset=1, rescale_betas_zero_snr=True)
     x, t, tokens = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.randn(2, 77, 64)
     with torch.no_grad():
         assert torch.equal(unet_model_fn(unet)(x, t, tokens),
