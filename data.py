@@ -18,6 +18,7 @@ import csv
 import json
 import os
 import re
+import time
 import warnings
 from fractions import Fraction
 from pathlib import Path
@@ -378,12 +379,19 @@ def make_dataset(spec, frames=16, size=32, stride=1, seed=0, **kw):
 # Written once, used by ae.py, content.py and motion.py: each stage builds its model and a
 # `loss_fn(model, batch) -> loss`, then calls train().
 
+STARTED = time.monotonic()  # --minutes counts from here: each stage imports this module as it starts
+
+
 def add_training_args(parser, *, steps, batch_size, lr, ema_decay=0.9999, every=500):
     """The flags every stage shares; each stage picks defaults that suit its tiny preset."""
     parser.add_argument("--data", default="shapes", help='"shapes", a CSV of path,caption, or a folder of class folders')
     parser.add_argument("--flops", action="store_true", help="print parameters and FLOPs (on `meta`), then exit")
     parser.add_argument("--out", default=None, help="run directory (default: runs/<stage>-<preset>)")
     parser.add_argument("--steps", type=int, default=steps, help="total optimizer steps")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="also stop, with a checkpoint, once the program has run this long (wall clock from "
+                             "its start, so caching counts); the step reached is printed and kept in <stage>.json "
+                             "(0: no limit)")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="per process")
     parser.add_argument("--lr", type=float, default=lr)
     parser.add_argument("--ema-decay", type=float, default=ema_decay)
@@ -541,7 +549,11 @@ def train(stage, model, loss_fn, dataset, args, config, evaluate=None):
     metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=args.steps, initial=step, desc=stage, disable=rank != 0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    while step < args.steps:
+    if args.minutes is not None and args.minutes < 0:
+        raise ValueError(f"--minutes must be >= 0 (0: no limit), got {args.minutes}")
+    deadline = STARTED + 60 * args.minutes if args.minutes else None
+    last_step = args.steps
+    while step < last_step:
         # Resume mid-epoch without loading the skipped videos: skip in the index list instead.
         sampler.set_epoch(step // batches_per_epoch)
         indices = list(sampler)[(step % batches_per_epoch) * args.batch_size:]
@@ -560,26 +572,40 @@ def train(stage, model, loss_fn, dataset, args, config, evaluate=None):
             update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
             step += 1
             bar.update(1)
-            if step % 10 == 0 or step in (1, args.steps):
+            if deadline is not None and out_of_time(deadline, device, world):
+                last_step = step
+            if step % 10 == 0 or step in (1, last_step):
                 loss = loss.detach()
                 if world > 1:
                     dist.all_reduce(loss, op=dist.ReduceOp.AVG)
                 if rank == 0:
                     bar.set_postfix(loss=f"{loss.item():.4f}")
                     log_metrics(metrics, stage=stage, step=step, loss=loss.item(), grad_norm=grad_norm.item())
-            if step % args.every == 0 or step == args.steps:
+            if step % args.every == 0 or step == last_step:
                 if evaluate is not None and rank == 0:
                     log_metrics(metrics, stage=stage, step=step, **evaluate(ema))
                 save_checkpoint(run_dir, stage, model, ema, opt, step, config, world)
-            if step == args.steps:
+            if step == last_step:
                 break
     bar.close()
+    if last_step < args.steps and rank == 0:
+        print(f"{stage}: --minutes {args.minutes:g} reached at step {step} of {args.steps}; "
+              f"`--resume` continues from there")
     if metrics:
         metrics.close()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return ema
+
+
+def out_of_time(deadline, device, world):
+    """Has --minutes run out? Rank 0's clock decides, so every rank stops at the same step."""
+    if world == 1:
+        return time.monotonic() > deadline
+    flag = torch.tensor([float(time.monotonic() > deadline)], device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def log_metrics(file, **values):

@@ -353,6 +353,16 @@ def test_latent_cache_is_reused_and_encoded_again_when_its_source_changes(tmp_pa
     assert not torch.allclose(fresh[0][0], items[0][0])
 
 
+def test_time_limit_stops_with_a_checkpoint_that_resumes_exactly(tmp_path, capsys):
+    straight, _ = train_micro(tmp_path / "straight", steps=4)
+    train_micro(tmp_path / "limited", steps=4, minutes=1e-9)  # out of time after the first step
+    assert json.load(open(tmp_path / "limited" / "ae-train.json"))["step"] == 1
+    assert "reached at step 1 of 4" in capsys.readouterr().out
+    resumed, _ = train_micro(tmp_path / "limited", steps=4, resume=True)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_resume_continues_exactly(tmp_path):
     straight, _ = train_micro(tmp_path / "straight", steps=4)
     train_micro(tmp_path / "resumed", steps=2)
@@ -379,22 +389,25 @@ def test_missing_and_half_written_runs_fail_clearly(tmp_path):
         ae.load_ae(tmp_path)
 
 
-def ddp_worker(rank, out, port):
+def ddp_worker(rank, out, port, minutes=(None, None)):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    model, _ = train_micro(out / "run", steps=2, batch_size=2)
+    model, _ = train_micro(out / "run", steps=2, batch_size=2, minutes=minutes[rank])
     torch.save(model.state_dict(), out / f"rank{rank}.pt")
 
 
-def test_two_gloo_processes_end_with_identical_weights(tmp_path):
-    port = 29500 + os.getpid() % 1000
-    mp.spawn(ddp_worker, args=(tmp_path, port), nprocs=2)
+@pytest.mark.parametrize("minutes", [(None, None), (1e-9, 1e6)])
+def test_two_gloo_processes_end_with_identical_weights(tmp_path, minutes):
+    """Also under --minutes, where rank 0 runs out of time at once and rank 1 would go on:
+    rank 0's clock decides, so both stop after the first step."""
+    port = 29500 + os.getpid() % 1000 + (minutes[0] is not None)
+    mp.spawn(ddp_worker, args=(tmp_path, port, minutes), nprocs=2)
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     initial = ae.Autoencoder(MICRO).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], initial[k]) for k in a)  # and they did train
-    assert json.load(open(tmp_path / "run" / "ae.json"))["step"] == 2
+    assert json.load(open(tmp_path / "run" / "ae.json"))["step"] == (2 if minutes[0] is None else 1)
 
 
 # ==================================================================================================
