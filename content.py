@@ -402,7 +402,8 @@ class ContentConfig:
     # Min-SNR-5 loss weights (Diffusion.loss): on the CPU budget the tiny UNet's samples went from
     # speckled blobs to clean, prompt-coloured shapes; the paper fine-tunes SD with the plain loss
     snr_gamma: float | None = 5.0
-    cfg_scale: float = 3.0  # tiny: our choice
+    # tiny: sharper shapes and darker "dark" backgrounds than 3 (shape 0.67 vs 0.61 on 54 prompts, README)
+    cfg_scale: float = 5.0
     sample_steps: int = 50  # paper: 50 DDIM steps
 
 
