@@ -402,7 +402,7 @@ class ContentConfig:
     # Min-SNR-5 loss weights (Diffusion.loss): on the CPU budget the tiny UNet's samples went from
     # speckled blobs to clean, prompt-coloured shapes; the paper fine-tunes SD with the plain loss
     snr_gamma: float | None = 5.0
-    # tiny: sharper shapes and darker "dark" backgrounds than 3 (shape 0.67 vs 0.61 on 54 prompts, README)
+    # tiny: surer dark backgrounds than 3 (0.83 vs 0.76 on 54 prompts); shapes alike (README)
     cfg_scale: float = 5.0
     sample_steps: int = 50  # paper: 50 DDIM steps
 
@@ -412,6 +412,17 @@ PRESETS = {
     "paper": ContentConfig(text="ViT-H-14", text_pretrained="laion2b_s32b_b79k", snr_gamma=None,
                            # the paper fine-tunes SD 2.1-base (App. B.3) and guides with w = 7.5 (B.4)
                            sd="stabilityai/stable-diffusion-2-1-base", cfg_scale=7.5),
+}
+
+
+# Training flags whose defaults differ by preset.
+TRAINING_DEFAULTS = {
+    # The CPU run's budget: 10 minutes in all, with the grid. Prompted colours come after ~1,500
+    # steps, shapes from ~2,000 (README); a slower CPU stops sooner, with colours only. No weight
+    # averaging: a run this short improves faster than an average of its recent weights (shape
+    # 0.70 against 0.67 and dark backgrounds 1.00 against 0.83 for the EMA's, README).
+    "tiny": dict(minutes=9, ema_decay=0.0),
+    "paper": dict(minutes=None, ema_decay=0.9999),  # DiT's EMA
 }
 
 
@@ -480,12 +491,11 @@ def main():
     parser.add_argument("--sd", default=None, help="Stable Diffusion folder or hub id (its unet/ and scheduler/)")
     parser.add_argument("--text-weights", default=None, help="local open_clip checkpoint of the text encoder")
     add_latent_args(parser)
-    add_training_args(parser, steps=2500, batch_size=32, lr=1e-3, every=500)
+    add_training_args(parser, steps=2500, batch_size=32, lr=1e-3, every=500, ema_decay=None)
     args = parser.parse_args()
-    if args.minutes is None and args.preset == "tiny":
-        # The CPU run's budget: 10 minutes in all, with the grid. Prompted colours come after
-        # ~1,500 steps, shapes from ~2,000 (README); a slower CPU stops sooner, with colours only.
-        args.minutes = 9
+    for name, value in TRAINING_DEFAULTS[args.preset].items():  # flags left unset
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     config = PRESETS[args.preset] if args.sd is None else replace(PRESETS[args.preset], sd=args.sd)
     args.out = args.out or f"runs/{args.preset}"
     if args.flops:  # on `meta`, at the AE preset's frame shape: no run needed

@@ -394,7 +394,8 @@ def add_training_args(parser, *, steps, batch_size, lr, ema_decay=0.9999, every=
                              "(0: no limit)")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="per process")
     parser.add_argument("--lr", type=float, default=lr)
-    parser.add_argument("--ema-decay", type=float, default=ema_decay)
+    parser.add_argument("--ema-decay", type=float, default=ema_decay,
+                        help="weight averaging of the saved model (0: none, the trained weights themselves)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory")
     parser.add_argument("--every", type=int, default=every, help="evaluate and checkpoint every N steps")
