@@ -525,6 +525,8 @@ def train(stage, model, loss_fn, dataset, args, config, evaluate=None):
     (atomic, resumable), metrics as JSON lines in `<out>/metrics.jsonl`.
     `evaluate(ema_model) -> dict` runs on rank 0 every `--every` steps and at the end.
     """
+    if args.minutes is not None and args.minutes < 0:
+        raise ValueError(f"--minutes must be >= 0 (0: no limit), got {args.minutes}")
     rank, world, device = setup_distributed()
     run_dir = Path(args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -550,8 +552,6 @@ def train(stage, model, loss_fn, dataset, args, config, evaluate=None):
     metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=args.steps, initial=step, desc=stage, disable=rank != 0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    if args.minutes is not None and args.minutes < 0:
-        raise ValueError(f"--minutes must be >= 0 (0: no limit), got {args.minutes}")
     deadline = STARTED + 60 * args.minutes if args.minutes else None
     last_step = args.steps
     while step < last_step:
