@@ -338,6 +338,7 @@ def main():
                               for i in range(32)]) if args.data == "shapes" else None
     _, _, device = setup_distributed()
     frame_space = FrameSpace(config.sd, device)
+    torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
     model = Autoencoder(config)
 
     def loss_fn(model, batch):

@@ -502,6 +502,7 @@ def main():
         c = AE_PRESETS[args.preset]
         return print_costs(config, (c.channels, c.height, c.width))
     _, _, device = setup_distributed()
+    torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
     ae, frame_space = load_ae(args.ae or args.out, device)
     c = ae.config
     frame_shape = (c.channels, c.height, c.width)

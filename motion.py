@@ -339,6 +339,7 @@ def main():
         return
     args.out = args.out or f"runs/{args.preset}"
     _, _, device = setup_distributed()
+    torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
     ae, frame_space = load_ae(args.ae or args.out, device)
     te = text_encoder_for_run(args.out, CONTENT_PRESETS[args.preset], args.text_weights).to(device)
     model = MotionDiT(config_for(args.preset, args.size, ae.config, te))

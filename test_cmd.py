@@ -397,6 +397,19 @@ def ddp_worker(rank, out, port, minutes=(None, None)):
     torch.save(model.state_dict(), out / f"rank{rank}.pt")
 
 
+def test_one_seed_makes_one_run(tmp_path, monkeypatch):
+    """--seed fixes the initial weights too, not only the batches and the noise: torch seeds each
+    new process at random, so a stage that built its model before seeding trained a new one each time."""
+    for out in ("a", "b"):
+        for stage, flags in ((ae, []), (content, ["--no-cache"]), (motion, ["--no-cache"])):
+            monkeypatch.setattr(sys, "argv", [f"{stage.__name__}.py", "--steps", "1", "--batch-size", "2",
+                                              "--out", str(tmp_path / out), *flags])
+            stage.main()
+    for name in ("ae", "content", "motion"):
+        a, b = (load_file(tmp_path / out / f"{name}.safetensors") for out in ("a", "b"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
 @pytest.mark.parametrize("minutes", [(None, None), (1e-9, 1e6)])
 def test_two_gloo_processes_end_with_identical_weights(tmp_path, minutes):
     """Also under --minutes, where rank 0 runs out of time at once and rank 1 would go on:
