@@ -389,14 +389,6 @@ def test_missing_and_half_written_runs_fail_clearly(tmp_path):
         ae.load_ae(tmp_path)
 
 
-def ddp_worker(rank, out, port, minutes=(None, None)):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    model, _ = train_micro(out / "run", steps=2, batch_size=2, minutes=minutes[rank])
-    torch.save(model.state_dict(), out / f"rank{rank}.pt")
-
-
 def test_one_seed_makes_one_run(tmp_path, monkeypatch):
     """--seed fixes the initial weights too, not only the batches and the noise: torch seeds each
     new process at random, so a stage that built its model before seeding trained a new one each time."""
@@ -408,6 +400,14 @@ def test_one_seed_makes_one_run(tmp_path, monkeypatch):
     for name in ("ae", "content", "motion"):
         a, b = (load_file(tmp_path / out / f"{name}.safetensors") for out in ("a", "b"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def ddp_worker(rank, out, port, minutes=(None, None)):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model, _ = train_micro(out / "run", steps=2, batch_size=2, minutes=minutes[rank])
+    torch.save(model.state_dict(), out / f"rank{rank}.pt")
 
 
 @pytest.mark.parametrize("minutes", [(None, None), (1e-9, 1e6)])
