@@ -402,7 +402,7 @@ class ContentConfig:
     # Min-SNR-5 loss weights (Diffusion.loss): on the CPU budget the tiny UNet's samples went from
     # speckled blobs to clean, prompt-coloured shapes; the paper fine-tunes SD with the plain loss
     snr_gamma: float | None = 5.0
-    # tiny: surer dark backgrounds than 3 (0.83 vs 0.76 on 54 prompts); shapes alike (README)
+    # tiny: surer dark backgrounds than CFG 3, shapes alike (README)
     cfg_scale: float = 5.0
     sample_steps: int = 50  # paper: 50 DDIM steps
 
@@ -417,10 +417,10 @@ PRESETS = {
 
 # Training flags whose defaults differ by preset.
 TRAINING_DEFAULTS = {
-    # The CPU run's budget: 10 minutes in all, with the grid. Prompted colours come after ~1,500
-    # steps, shapes from ~2,000 (README); a slower CPU stops sooner, with colours only. No weight
-    # averaging: a run this short improves faster than an average of its recent weights (shape
-    # 0.70 against 0.67 and dark backgrounds 1.00 against 0.83 for the EMA's, README).
+    # The CPU run's budget: 10 minutes in all, with the grid. That reaches step ~2,200 here, where
+    # the prompted colours have come but not the shapes; they come by step 3,500, the default
+    # --steps, which `python content.py --resume` reaches in 5 minutes more (README). No weight
+    # averaging: a run this short improves faster than an average of its recent weights (README).
     "tiny": dict(minutes=9, ema_decay=0.0),
     "paper": dict(minutes=None, ema_decay=0.9999),  # DiT's EMA
 }
@@ -491,7 +491,7 @@ def main():
     parser.add_argument("--sd", default=None, help="Stable Diffusion folder or hub id (its unet/ and scheduler/)")
     parser.add_argument("--text-weights", default=None, help="local open_clip checkpoint of the text encoder")
     add_latent_args(parser)
-    add_training_args(parser, steps=2500, batch_size=32, lr=1e-3, every=500, ema_decay=None)
+    add_training_args(parser, steps=3500, batch_size=32, lr=1e-3, every=500, ema_decay=None)
     args = parser.parse_args()
     for name, value in TRAINING_DEFAULTS[args.preset].items():  # flags left unset
         if getattr(args, name) is None:
