@@ -386,7 +386,7 @@ def add_training_args(parser, *, steps, batch_size, lr, ema_decay=0.9999, every=
     """The flags every stage shares; each stage picks defaults that suit its tiny preset."""
     parser.add_argument("--data", default="shapes", help='"shapes", a CSV of path,caption, or a folder of class folders')
     parser.add_argument("--flops", action="store_true", help="print parameters and FLOPs (on `meta`), then exit")
-    parser.add_argument("--out", default=None, help="run directory (default: runs/<preset>; every stage of a run shares it)")
+    parser.add_argument("--out", default=None, help="run directory, one for every stage (default: runs/<preset>)")
     parser.add_argument("--steps", type=int, default=steps, help="total optimizer steps")
     parser.add_argument("--minutes", type=float, default=None,
                         help="also stop, with a checkpoint, once the program has run this long (wall clock from "
