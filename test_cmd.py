@@ -12,8 +12,10 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -414,8 +416,16 @@ def ddp_worker(rank, out, port, minutes=(None, None)):
 def test_two_gloo_processes_end_with_identical_weights(tmp_path, minutes):
     """Also under --minutes, where rank 0 runs out of time at once and rank 1 would go on:
     rank 0's clock decides, so both stop after the first step."""
-    port = 29500 + os.getpid() % 1000 + (minutes[0] is not None)
-    mp.spawn(ddp_worker, args=(tmp_path, port, minutes), nprocs=2)
+    with socket.socket() as s:  # a port nothing else holds
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workers = mp.spawn(ddp_worker, args=(tmp_path, port, minutes), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not workers.join(timeout=1):  # raises if a worker failed
+        if time.monotonic() > deadline:  # a hung process group fails the test instead of CI
+            for process in workers.processes:
+                process.kill()
+            pytest.fail("the two gloo processes did not finish within 2 minutes")
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     initial = ae.Autoencoder(MICRO).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -1073,7 +1083,7 @@ def test_bad_prompts_and_output_folder(run_dir, tmp_path, capsys):
 
 def test_command_line_error_has_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(Path(sample.__file__)), "a red circle", "--run", str(tmp_path)],
-                            capture_output=True, text=True, cwd=tmp_path)
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.strip().startswith("sample.py: error:")
 
