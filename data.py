@@ -595,6 +595,9 @@ def train(stage, model, loss_fn, dataset, args, config, evaluate=None):
     if metrics:
         metrics.close()
     if world > 1:
+        # Free DDP while the process group is still registered: if its C++ reducer held the group's
+        # last reference, freeing it destroyed gloo's group under the GIL, which could deadlock.
+        del ddp_model
         dist.barrier()
         dist.destroy_process_group()
     return ema
