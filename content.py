@@ -138,8 +138,10 @@ def save_text_encoder(te, run_dir):
     """Config + weights into run_dir, so the run reloads the exact same text features."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "text_encoder.json", te.config)
+    # Weights first: text_encoder_for_run takes the json's presence to mean the pair is complete
+    # (under torchrun every rank builds the same seeded encoder, and one may read what another saves).
     save_safetensors_atomic(run_dir / "text_encoder.safetensors", te.text.state_dict())
+    write_json_atomic(run_dir / "text_encoder.json", te.config)
 
 
 def load_text_encoder(run_dir):

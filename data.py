@@ -420,7 +420,7 @@ def setup_distributed():
 
 def write_json_atomic(path, obj):
     """Write to a temp file then os.replace: a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process, as in save_safetensors_atomic
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
