@@ -336,7 +336,7 @@ def main():
     dataset = make_dataset(args.data, frames=config.frames, size=config.video_size, seed=args.seed)
     val_videos = torch.stack([make_dataset("shapes", frames=config.frames, size=config.video_size, seed=10_000)[i][0]
                               for i in range(32)]) if args.data == "shapes" else None
-    _, _, device = setup_distributed()
+    rank, _, device = setup_distributed()
     frame_space = FrameSpace(config.sd, device)
     torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
     model = Autoencoder(config)
@@ -353,7 +353,8 @@ def main():
         return {"val_psnr": psnr(frame_space.decode(ema(frame_space.encode(video))), video)}
 
     ema = train("ae", model, loss_fn, dataset, args, asdict(config), evaluate)
-    write_preview(ema, frame_space, dataset, Path(args.out) / "ae-preview.mp4", device)
+    if rank == 0:  # under torchrun, one process writes the preview
+        write_preview(ema, frame_space, dataset, Path(args.out) / "ae-preview.mp4", device)
 
 
 @torch.no_grad()

@@ -503,7 +503,7 @@ def main():
     if args.flops:  # on `meta`, at the AE preset's frame shape: no run needed
         c = AE_PRESETS[args.preset]
         return print_costs(config, (c.channels, c.height, c.width))
-    _, _, device = setup_distributed()
+    rank, _, device = setup_distributed()
     torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
     ae, frame_space = load_ae(args.ae or args.out, device)
     c = ae.config
@@ -521,12 +521,13 @@ def main():
     run_config = {"content": asdict(config), "unet": dict(unet.config), "schedule": schedule,
                   "text_weights": args.text_weights}
     ema = train("content", unet, loss_fn, dataset, args, run_config)
-    frames = sample_content_frames(te, ema, diffusion, SHOWCASE_PROMPTS, config.sample_steps, config.cfg_scale,
-                                   frame_shape, torch.Generator(device).manual_seed(0))
-    images = frame_space.decode(frames[:, None])[:, 0]  # (12, 3, H, W) pixels
-    path = Path(args.out) / "content-samples.png"
-    write_image(path, video_to_uint8(rearrange(images, "(row col) c h w -> c (row h) (col w)", col=3)))
-    print(f"wrote {path}: rows red, green, blue, yellow; columns circle, square, triangle")
+    if rank == 0:  # under torchrun, one process samples the grid
+        frames = sample_content_frames(te, ema, diffusion, SHOWCASE_PROMPTS, config.sample_steps, config.cfg_scale,
+                                       frame_shape, torch.Generator(device).manual_seed(0))
+        images = frame_space.decode(frames[:, None])[:, 0]  # (12, 3, H, W) pixels
+        path = Path(args.out) / "content-samples.png"
+        write_image(path, video_to_uint8(rearrange(images, "(row col) c h w -> c (row h) (col w)", col=3)))
+        print(f"wrote {path}: rows red, green, blue, yellow; columns circle, square, triangle")
 
 
 def print_costs(config, frame_shape, batch_size=1):

@@ -338,7 +338,7 @@ def main():
                   f"{flops / 1e12:.3f} TFLOPs per forward at batch {batch}")
         return
     args.out = args.out or f"runs/{args.preset}"
-    _, _, device = setup_distributed()
+    rank, _, device = setup_distributed()
     torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
     ae, frame_space = load_ae(args.ae or args.out, device)
     te = text_encoder_for_run(args.out, CONTENT_PRESETS[args.preset], args.text_weights).to(device)
@@ -356,7 +356,8 @@ def main():
 
     run_config = {"model": model.config.to_dict(), "schedule": diffusion_schedule, "cfg_scale": args.cfg_scale}
     ema = train("motion", model, loss_fn, dataset, args, run_config)
-    write_motion_preview(ema, diffusion, ae, frame_space, te, Path(args.out) / "motion-samples.mp4", device, args)
+    if rank == 0:  # under torchrun, one process writes the preview
+        write_motion_preview(ema, diffusion, ae, frame_space, te, Path(args.out) / "motion-samples.mp4", device, args)
 
 
 @torch.no_grad()

@@ -391,14 +391,20 @@ def test_missing_and_half_written_runs_fail_clearly(tmp_path):
         ae.load_ae(tmp_path)
 
 
+def run_stage_one_step(stage, out):
+    """`python <stage>.py` for one training step of batch 2 into the run `out`."""
+    flags = ["--no-cache"] if stage in (content, motion) else []
+    sys.argv = [f"{stage.__name__}.py", "--steps", "1", "--batch-size", "2", "--out", str(out), *flags]
+    stage.main()
+
+
 def test_one_seed_makes_one_run(tmp_path, monkeypatch):
     """--seed fixes the initial weights too, not only the batches and the noise: torch seeds each
     new process at random, so a stage that built its model before seeding trained a new one each time."""
+    monkeypatch.setattr(sys, "argv", sys.argv)  # restored after the test
     for out in ("a", "b"):
-        for stage, flags in ((ae, []), (content, ["--no-cache"]), (motion, ["--no-cache"])):
-            monkeypatch.setattr(sys, "argv", [f"{stage.__name__}.py", "--steps", "1", "--batch-size", "2",
-                                              "--out", str(tmp_path / out), *flags])
-            stage.main()
+        for stage in (ae, content, motion):
+            run_stage_one_step(stage, tmp_path / out)
     for name in ("ae", "content", "motion"):
         a, b = (load_file(tmp_path / out / f"{name}.safetensors") for out in ("a", "b"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
@@ -412,25 +418,55 @@ def ddp_worker(rank, out, port, minutes=(None, None)):
     torch.save(model.state_dict(), out / f"rank{rank}.pt")
 
 
+def free_port():
+    with socket.socket() as s:  # a port nothing else holds
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_two(worker, *args):
+    """Run worker(rank, *args) in two processes; a hung process group fails the test instead of CI."""
+    workers = mp.spawn(worker, args=args, nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not workers.join(timeout=1):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail("the two gloo processes did not finish within 2 minutes")
+
+
 @pytest.mark.parametrize("minutes", [(None, None), (1e-9, 1e6)])
 def test_two_gloo_processes_end_with_identical_weights(tmp_path, minutes):
     """Also under --minutes, where rank 0 runs out of time at once and rank 1 would go on:
     rank 0's clock decides, so both stop after the first step."""
-    with socket.socket() as s:  # a port nothing else holds
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workers = mp.spawn(ddp_worker, args=(tmp_path, port, minutes), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not workers.join(timeout=1):  # raises if a worker failed
-        if time.monotonic() > deadline:  # a hung process group fails the test instead of CI
-            for process in workers.processes:
-                process.kill()
-            pytest.fail("the two gloo processes did not finish within 2 minutes")
+    spawn_two(ddp_worker, tmp_path, free_port(), minutes)
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     initial = ae.Autoencoder(MICRO).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], initial[k]) for k in a)  # and they did train
     assert json.load(open(tmp_path / "run" / "ae.json"))["step"] == (2 if minutes[0] is None else 1)
+
+
+def stages_worker(rank, out, ports):
+    """Each stage's command under a two-process gloo group, as torchrun runs it."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+
+    def note_writer(*args, **kwargs):
+        with open(out / "previews-written-by", "a") as f:
+            f.write(f"{rank}\n")
+
+    ae.write_preview = content.write_image = motion.write_motion_preview = note_writer
+    for stage, port in zip((ae, content, motion), ports):
+        os.environ["MASTER_PORT"] = str(port)
+        run_stage_one_step(stage, out / "run")
+
+
+def test_under_torchrun_every_stage_trains_and_only_rank_0_writes_previews(tmp_path):
+    spawn_two(stages_worker, tmp_path, [free_port() for _ in range(3)])
+    assert (tmp_path / "previews-written-by").read_text() == "0\n0\n0\n"  # ae, content, motion
+    for stage in ("ae", "content", "motion"):
+        assert data.load_stage(tmp_path / "run", stage)[0]["step"] == 1
 
 
 # ==================================================================================================
