@@ -410,10 +410,15 @@ def test_one_seed_makes_one_run(tmp_path, monkeypatch):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def ddp_worker(rank, out, port, minutes=(None, None)):
+def join_as_gloo_rank(rank, port):
+    """The environment torchrun gives rank `rank` of two on one machine; setup_distributed reads it."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+
+
+def ddp_worker(rank, out, port, minutes=(None, None)):
+    join_as_gloo_rank(rank, port)
     model, _ = train_micro(out / "run", steps=2, batch_size=2, minutes=minutes[rank])
     torch.save(model.state_dict(), out / f"rank{rank}.pt")
 
@@ -449,16 +454,13 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path, minutes):
 
 def stages_worker(rank, out, ports):
     """Each stage's command under a two-process gloo group, as torchrun runs it."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
-    torch.set_num_threads(1)
-
     def note_writer(*args, **kwargs):
         with open(out / "previews-written-by", "a") as f:
             f.write(f"{rank}\n")
 
     ae.write_preview = content.write_image = motion.write_motion_preview = note_writer
-    for stage, port in zip((ae, content, motion), ports):
-        os.environ["MASTER_PORT"] = str(port)
+    for stage, port in zip((ae, content, motion), ports):  # each stage joins a new group
+        join_as_gloo_rank(rank, port)
         run_stage_one_step(stage, out / "run")
 
 
