@@ -9,30 +9,26 @@ A video x = (x_1 .. x_L) is encoded into
 A decoder rebuilds the video from (x̄, z). The AE works in a "frame space": pixels (tiny
 preset) or per-frame Stable Diffusion VAE latents (paper preset, `--sd`).
 
-    python ae.py                                   # tiny preset, shapes, CPU, ~10 minutes
-    python ae.py --preset paper --sd stabilityai/stable-diffusion-2-1-base --data webvid.csv \\
-        --batch-size 1 --grad-checkpointing          # one A100-80GB
-    torchrun --nproc_per_node 8 ae.py --preset paper --sd ... --data webvid.csv
-    python ae.py --preset paper --flops            # parameters and FLOPs/step on `meta`
+    python ae.py                                   # tiny preset, shapes, CPU
+    python ae.py --preset paper --sd stable-diffusion-2-1-base --data webvid.csv \\
+        --grad-accum 256 --grad-checkpointing          # one A100-80GB, the paper's batch of 256
+    torchrun --nproc_per_node 8 ae.py --preset paper --sd stable-diffusion-2-1-base --data webvid.csv
+    python ae.py --preset paper --flops [--resolution 256x512]   # parameters and FLOPs/step on `meta`
 """
 import argparse
-import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors import safe_open
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
 
-from data import (add_training_args, count_flops, load_stage, make_dataset, save_safetensors_atomic,
-                  setup_distributed, train, video_to_uint8, write_video)
+from data import (add_training_args, count_flops, fail, first_items, load_stage, local_or_name, make_dataset,
+                  parse_resolution, parse_stage_args, report_loading_speed, setup_distributed, train, video_to_uint8,
+                  write_video)
 
 
 @dataclass
@@ -50,8 +46,9 @@ class AEConfig:
     sd: str = ""           # Stable Diffusion folder or hub id whose VAE is the frame space ("" = pixels)
 
     @property
-    def video_size(self):  # side of the pixel videos: the SD VAE downsamples 8x
-        return self.height * (8 if self.sd else 1)
+    def video_size(self):  # (height, width) of the pixel videos: the SD VAE downsamples 8x
+        factor = 8 if self.sd else 1
+        return self.height * factor, self.width * factor
 
 
 PRESETS = {
@@ -105,8 +102,10 @@ class SpaceTimeBlock(nn.Module):
 
     def __init__(self, dim, heads):
         super().__init__()
-        self.norm_time, self.time = nn.LayerNorm(dim), Attention(dim, heads)
-        self.norm_space, self.space = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm_time = nn.LayerNorm(dim)
+        self.time = Attention(dim, heads)
+        self.norm_space = nn.LayerNorm(dim)
+        self.space = Attention(dim, heads)
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
 
@@ -121,31 +120,34 @@ class SpaceTimeBlock(nn.Module):
 class Autoencoder(nn.Module):
     def __init__(self, config: AEConfig):
         super().__init__()
-        self.config = c = config
-        self.grid = (c.height // c.patch, c.width // c.patch)  # (H', W')
+        self.config = config
+        self.grid = (config.height // config.patch, config.width // config.patch)  # (H', W')
         hp, wp = self.grid
-        patch_dim = c.channels * c.patch ** 2
+        patch_dim = config.channels * config.patch ** 2
         self.gradient_checkpointing = False
         # Fixed sin-cos positions over the token grid and over time, shared by encoder and decoder:
         # the encoder must know where each token is for the pooled motion tokens to say where
         # things moved.
-        self.register_buffer("pos_space", sincos_grid(hp, wp, c.hidden)[None, None], persistent=False)
-        self.register_buffer("pos_time", sincos(torch.arange(c.frames), c.hidden)[None, :, None], persistent=False)
+        self.register_buffer("pos_space", sincos_grid(hp, wp, config.hidden)[None, None], persistent=False)
+        self.register_buffer("pos_time", sincos(torch.arange(config.frames), config.hidden)[None, :, None],
+                             persistent=False)
         # Encoder: patches of every frame + positions -> space-time blocks.
-        self.enc_patch = nn.Linear(patch_dim, c.hidden)
-        self.encoder = nn.ModuleList(SpaceTimeBlock(c.hidden, c.heads) for _ in range(c.encoder_depth))
-        self.enc_norm = nn.LayerNorm(c.hidden)
+        self.enc_patch = nn.Linear(patch_dim, config.hidden)
+        self.encoder = nn.ModuleList(SpaceTimeBlock(config.hidden, config.heads) for _ in range(config.encoder_depth))
+        self.enc_norm = nn.LayerNorm(config.hidden)
         # Content head: one weight logit per frame and element of the frame (w in Eq. 2).
-        self.to_weight_logits = nn.Linear(c.hidden, patch_dim)
+        self.to_weight_logits = nn.Linear(config.hidden, patch_dim)
         # Motion head: features pooled along the width give row tokens, along the height column
         # tokens (PVDM's projections); a linear map per axis squeezes each to D channels.
-        self.to_motion_rows, self.to_motion_cols = nn.Linear(c.hidden, c.motion_dim), nn.Linear(c.hidden, c.motion_dim)
+        self.to_motion_rows = nn.Linear(config.hidden, config.motion_dim)
+        self.to_motion_cols = nn.Linear(config.hidden, config.motion_dim)
         # Decoder: content-frame patches + motion tokens broadcast back over the grid.
-        self.dec_content = nn.Linear(patch_dim, c.hidden)
-        self.dec_rows, self.dec_cols = nn.Linear(c.motion_dim, c.hidden), nn.Linear(c.motion_dim, c.hidden)
-        self.decoder = nn.ModuleList(SpaceTimeBlock(c.hidden, c.heads) for _ in range(c.decoder_depth))
-        self.dec_norm = nn.LayerNorm(c.hidden)
-        self.to_pixels = nn.Linear(c.hidden, patch_dim)
+        self.dec_content = nn.Linear(patch_dim, config.hidden)
+        self.dec_rows = nn.Linear(config.motion_dim, config.hidden)
+        self.dec_cols = nn.Linear(config.motion_dim, config.hidden)
+        self.decoder = nn.ModuleList(SpaceTimeBlock(config.hidden, config.heads) for _ in range(config.decoder_depth))
+        self.dec_norm = nn.LayerNorm(config.hidden)
+        self.to_pixels = nn.Linear(config.hidden, patch_dim)
         nn.init.zeros_(self.to_pixels.weight)  # the decoder starts as "every frame = content frame"
         nn.init.zeros_(self.to_pixels.bias)
 
@@ -166,8 +168,8 @@ class Autoencoder(nn.Module):
         return rearrange(x, "... (h w) (c p q) -> ... c (h p) (w q)", h=hp, w=wp, p=p, q=p)
 
     def check_frames(self, frames):
-        c = self.config
-        expected = (c.frames, c.channels, c.height, c.width)
+        config = self.config
+        expected = (config.frames, config.channels, config.height, config.width)
         if frames.dim() != 5 or tuple(frames.shape[1:]) != expected:
             raise ValueError(f"expected frames of shape (batch, {', '.join(map(str, expected))}), "
                              f"got {tuple(frames.shape)}")
@@ -208,13 +210,14 @@ class FrameSpace:
         self.vae = None
         if sd:
             from diffusers import AutoencoderKL
+            check_sd_folder(sd, ("vae",))
             self.vae = AutoencoderKL.from_pretrained(sd, subfolder="vae").to(device).eval().requires_grad_(False)
 
     @torch.no_grad()
     def encode(self, video):  # pixels (b, L, 3, H, W) in [-1, 1] -> frames (b, L, C, H', W')
         if self.vae is None:
             return video
-        # Frames go through the VAE one at a time (batch b), as the issue asks, to bound memory.
+        # Frames go through the VAE one at a time (batch b), to bound memory at 512x1024.
         latents = [self.vae.encode(video[:, i]).latent_dist.mode() for i in range(video.shape[1])]
         return torch.stack(latents, dim=1) * self.vae.config.scaling_factor
 
@@ -227,78 +230,39 @@ class FrameSpace:
         return torch.stack(pixels, dim=1).clamp(-1, 1)
 
 
-def load_ae(run_dir, device="cpu"):
-    """A trained AE from `runs/<name>` (EMA weights), frozen, plus its frame space."""
+def load_ae(run_dir, device="cpu", resolution=None):
+    """A trained AE from `runs/<name>` (EMA weights), frozen, plus its frame space. With `resolution`
+    (height, width) it works on videos of that size: its positions are sin-cos functions of the
+    token grid, not learned, so the same weights apply to any grid."""
     info, state = load_stage(run_dir, "ae")
-    ae = Autoencoder(AEConfig(**info["config"]))
+    config = AEConfig(**info["config"])
+    ae = Autoencoder(config_at(config, resolution) if resolution else config)
     ae.load_state_dict(state)
     return ae.to(device).eval().requires_grad_(False), FrameSpace(ae.config.sd, device)
 
 
-def add_latent_args(parser):
-    """Flags of the stages that train on the AE's latents (content.py, motion.py)."""
-    parser.add_argument("--ae", default=None, help="run directory of a trained AE (default: --out)")
-    parser.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
-                        help="encode the dataset with the AE once, keep it on disk as <out>/latents.safetensors "
-                             "(default: on for the tiny preset, where encoding is 30%% of a CPU step; off for "
-                             "paper, whose videos are too many to store and are better drawn at random clip starts)")
+def config_at(config, resolution):
+    """The preset for videos of `resolution` (height, width) pixels: the frame space is the video
+    itself, or its SD latents at 1/8 the size. Sides that the SD VAE's 8x and the AE's patches
+    cannot divide are a ValueError that says which sizes work."""
+    height, width = resolution
+    unit = (8 if config.sd else 1) * config.patch
+    if height % unit or width % unit:
+        near = f"{max(1, round(height / unit)) * unit}x{max(1, round(width / unit)) * unit}"
+        raise ValueError(f"--resolution {height}x{width}: both sides must be multiples of {unit} (the AE's patch "
+                         f"{config.patch}{' times the SD VAE’s 8x' if config.sd else ''}); {near} would do")
+    factor = 8 if config.sd else 1
+    return replace(config, height=height // factor, width=width // factor)
 
 
-def latent_dataset(args, ae, frame_space, device):
-    """The videos of --data, or with caching on their (content frame, motion latent) pairs."""
-    c = ae.config
-    dataset = make_dataset(args.data, frames=c.frames, size=c.video_size, seed=args.seed)
-    if not (args.cache if args.cache is not None else args.preset == "tiny"):
-        return dataset
-    # What the cache was made from: the AE's exact weights and the videos. Another AE or other
-    # videos make it stale, and it is encoded again.
-    ae_weights = Path(args.ae or args.out) / "ae.safetensors"
-    source = {"ae_sha256": hashlib.sha256(ae_weights.read_bytes()).hexdigest(), "data": str(args.data),
-              "videos": len(dataset), "seed": args.seed}
-    return cache_latents(ae, frame_space, dataset, Path(args.out) / "latents.safetensors", device, source)
-
-
-def encode_videos(ae, frame_space, batch):
-    """A training batch for stages 2 and 3 -> (content_frame, motion_latent, captions).
-
-    The batch is either (videos, captions) from a video dataset, encoded here by the frozen
-    AE, or (content_frames, motion_latents, captions) from a cache written by cache_latents."""
-    if len(batch) == 3:
-        return batch
-    videos, captions = batch
-    with torch.no_grad():
-        content_frame, motion_latent = ae.encode(frame_space.encode(videos))
-    return content_frame, motion_latent, captions
-
-
-@torch.no_grad()
-def cache_latents(ae, frame_space, dataset, path, device, source, batch_size=64):
-    """Encode every video of `dataset` once and keep the result on disk: stages 2 and 3 then
-    train without running the AE (or the SD VAE) again. `source` (a JSON-able dict) says what
-    the cache is made from; a cache made from anything else is encoded again. Under torchrun
-    rank 0 encodes and the others wait. Returns a dataset of (content_frame, motion_latent, caption)."""
-    path, source = Path(path), json.dumps(source, sort_keys=True)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    up_to_date = False
-    if path.is_file():
-        with safe_open(path, "pt") as f:
-            up_to_date = f.metadata().get("source") == source
-        if not up_to_date and rank == 0:
-            print(f"{path} was encoded by another AE or from other videos: encoding it again")
-    if rank == 0 and not up_to_date:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-        content, motion, captions = [], [], []
-        for videos, texts in tqdm(loader, desc=f"caching {path.name}"):
-            c, m = ae.encode(frame_space.encode(videos.to(device)))
-            content.append(c.cpu()), motion.append(m.cpu()), captions.extend(texts)
-        tensors = {"content_frames": torch.cat(content), "motion_latents": torch.cat(motion)}
-        save_safetensors_atomic(path, tensors, {"captions": json.dumps(captions), "source": source})
-    if dist.is_initialized():
-        dist.barrier()
-    with safe_open(path, "pt") as f:
-        captions = json.loads(f.metadata()["captions"])
-        content, motion = f.get_tensor("content_frames"), f.get_tensor("motion_latents")
-    return [(c, m, caption) for c, m, caption in zip(content, motion, captions)]
+def check_sd_folder(path, parts=("vae",)):
+    """A local Stable Diffusion folder (diffusers layout) must hold the parts we load; a hub id passes."""
+    if Path(path).exists():
+        for need in (f"{part}/{'scheduler_config' if part == 'scheduler' else 'config'}.json" for part in parts):
+            if not (Path(path) / need).is_file():
+                raise FileNotFoundError(
+                    f"{path} is not a Stable Diffusion folder: it lacks {need}. An SD folder (diffusers layout, "
+                    "e.g. a download of stabilityai/stable-diffusion-2-1-base) holds vae/, unet/ and scheduler/")
 
 
 def psnr(x, y):
@@ -314,30 +278,56 @@ def print_costs(config, batch_size=1):
         ae = Autoencoder(config)
         frames = torch.empty(batch_size, config.frames, config.channels, config.height, config.width)
     params = sum(p.numel() for p in ae.parameters())
-    flops = count_flops(lambda: F.mse_loss(ae(frames), frames).backward())
-    print(f"AE: {params / 1e6:.1f} M parameters, {flops / 1e12:.3f} TFLOPs per training step "
-          f"(batch {batch_size}, {config.frames} x {config.channels} x {config.height} x {config.width} frames)")
+    flops, _ = count_flops(lambda: F.mse_loss(ae(frames), frames).backward())
+    height, width = config.video_size
+    print(f"AE: {params / 1e6:.1f} M parameters, {flops / 1e12:.3f} TFLOPs per training step (batch {batch_size}, "
+          f"{height}x{width} videos: {config.frames} x {config.channels} x {config.height} x {config.width} frames)")
     return params, flops
 
 
-def main():
+# Training defaults per preset; the flags of data.add_training_args override them.
+DEFAULTS = {
+    # Chosen on a 2-core CPU for the shapes world (README, "Numbers").
+    "tiny": dict(resolution=(32, 32), data="shapes", steps=2400, batch_size=8, grad_accum=1, lr=2e-3, warmup=0,
+                 betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, every=400),
+    # The authors' release (NVlabs/CMD, train_ae.py): AdamW lr 1e-5, betas (0.5, 0.9), no weight decay,
+    # no EMA, no gradient clipping, global batch 256 (1 x 32 accumulated x 8 GPUs; one GPU:
+    # --grad-accum 256). The step count is not given; 100k steps of 256 is ours (~2.5 epochs of WebVid-10M).
+    "paper": dict(resolution=(512, 1024), data=None, steps=100_000, batch_size=1, grad_accum=32, lr=1e-5, warmup=0,
+                  betas=(0.5, 0.9), weight_decay=0.0, grad_clip=0.0, ema_decay=0.0, every=2000),
+}
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=PRESETS)
-    parser.add_argument("--sd", default=None, help="Stable Diffusion folder or hub id: its VAE is the frame space")
-    add_training_args(parser, steps=2400, batch_size=8, lr=2e-3, every=400)
-    args = parser.parse_args()
-    config = PRESETS[args.preset] if args.sd is None else replace(PRESETS[args.preset], sd=args.sd)
+    parser.add_argument("--sd", type=local_or_name,
+                        help="Stable Diffusion folder or hub id: its VAE is the frame space")
+    parser.add_argument("--resolution", type=parse_resolution, help="HEIGHTxWIDTH of the videos, in pixels")
+    add_training_args(parser)
+    args = parse_stage_args(parser, DEFAULTS, argv)
+    try:
+        config = config_at(replace(PRESETS[args.preset], sd=args.sd or PRESETS[args.preset].sd), args.resolution)
+    except ValueError as e:
+        fail(e)
     if args.flops:
         print_costs(config)
         if config.sd:
             print("(the SD VAE encoder that makes the frames is frozen and not counted)")
         return
-    args.out = args.out or f"runs/{args.preset}"
-    dataset = make_dataset(args.data, frames=config.frames, size=config.video_size, seed=args.seed)
-    val_videos = torch.stack([make_dataset("shapes", frames=config.frames, size=config.video_size, seed=10_000)[i][0]
-                              for i in range(32)]) if args.data == "shapes" else None
-    rank, _, device = setup_distributed()
-    frame_space = FrameSpace(config.sd, device)
+    # Everything that can be wrong with the input fails here, before a run directory exists.
+    try:
+        if args.data is None:
+            raise ValueError("the paper preset trains on your videos: pass --data (a CSV or a folder of class folders)")
+        dataset, val_set = (make_dataset(args.data, frames=config.frames, size=config.video_size, stride=args.stride,
+                                         seed=args.seed, split=split, val_fraction=args.val_fraction,
+                                         val_data=args.val_data) for split in ("train", "val"))
+        report_loading_speed(dataset)  # reads clips: a listing of unreadable files fails now
+        val_videos = first_items(val_set, 32)[0]
+        rank, _, device = setup_distributed()
+        frame_space = FrameSpace(config.sd, device)
+    except (OSError, ValueError, RuntimeError) as e:
+        fail(e)
     torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
     model = Autoencoder(config)
 
@@ -346,21 +336,20 @@ def main():
         return F.mse_loss(model(frames), frames)
 
     @torch.no_grad()
-    def evaluate(ema):
-        if val_videos is None:
-            return {}
-        video = val_videos.to(device)
-        return {"val_psnr": psnr(frame_space.decode(ema(frame_space.encode(video))), video)}
+    def evaluate(ema):  # PSNR of the held-out videos, a batch at a time
+        videos = val_videos.to(device).split(args.batch_size)
+        return {"val_psnr": psnr(torch.cat([frame_space.decode(ema(frame_space.encode(v))) for v in videos]),
+                                 torch.cat(videos))}
 
     ema = train("ae", model, loss_fn, dataset, args, asdict(config), evaluate)
     if rank == 0:  # under torchrun, one process writes the preview
-        write_preview(ema, frame_space, dataset, Path(args.out) / "ae-preview.mp4", device)
+        write_preview(ema, frame_space, val_set, Path(args.out) / "ae-preview.mp4", device)
 
 
 @torch.no_grad()
 def write_preview(ae, frame_space, dataset, path, device, n=4):
-    """input | reconstruction | content frame, side by side, for a person to look at."""
-    video = torch.stack([dataset[i][0] for i in range(n)]).to(device)
+    """Held-out input | reconstruction | content frame, side by side, for a person to look at."""
+    video = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))]).to(device)
     content_frame, motion_latent = ae.encode(frame_space.encode(video))
     recon = frame_space.decode(ae.decode(content_frame, motion_latent))
     content = frame_space.decode(content_frame[:, None]).expand_as(video)

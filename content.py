@@ -4,19 +4,22 @@ The autoencoder (ae.py) turns each video into a content frame, a weighted sum of
 frames that lives in the same space as one frame: an image (tiny preset) or a Stable
 Diffusion latent (paper preset). Because it looks like an image, the paper generates it
 by fine-tuning a pretrained text-to-image model, Stable Diffusion, with no new
-parameters (CMD, arXiv 2403.14148, "content frame diffusion"). This file holds:
+parameters (CMD, arXiv 2403.14148, Sec. 3.2). This file holds, in reading order:
 
-  1. the frozen OpenCLIP text encoder of SD 2.x (open_clip_torch),
-  2. the SD UNet (diffusers), or a tiny UNet trained from scratch on pixel frames,
-  3. hand-written diffusion maths: noise schedule, training loss, DDIM sampler with
+  1. hand-written diffusion maths: noise schedule, training loss, DDIM sampler with
      classifier-free guidance. motion.py and sample.py reuse them, so they work on
      tensors of any shape (b ...), not only images,
-  4. presets, and the training main().
+  2. the content UNet: Stable Diffusion's (diffusers), or a tiny one trained from scratch,
+  3. the frozen OpenCLIP text encoder of SD 2.x (open_clip_torch),
+  4. presets, training defaults and the training main(),
+  5. loaders: SD's UNet and schedule, open_clip text weights, a trained content stage.
 
 Run it:
-  python content.py                                      # tiny preset, CPU, 10 minutes
-  python content.py --preset paper --text-weights open_clip_vit_h14.bin --data webvid.csv --cache
-  torchrun --nproc_per_node 8 content.py --preset paper --text-weights open_clip_vit_h14.bin ...
+  python content.py                                      # tiny preset, shapes, CPU
+  python content.py --preset paper --sd stable-diffusion-2-1-base --text-weights open_clip_vit_h14.bin \\
+      --data webvid.csv --grad-accum 256 --grad-checkpointing      # one A100-80GB
+  torchrun --nproc_per_node 8 content.py --preset paper --sd ... --text-weights ... --data webvid.csv
+  python content.py --preset paper --flops [--resolution 256x512]  # parameters and FLOPs/step on `meta`
 """
 import argparse
 import json
@@ -35,198 +38,13 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from ae import PRESETS as AE_PRESETS
-from ae import add_latent_args, encode_videos, latent_dataset, load_ae
-from data import (add_training_args, count_flops, load_stage, save_safetensors_atomic,
-                  setup_distributed, train, video_to_uint8, write_image, write_json_atomic)
+from ae import check_sd_folder, config_at, load_ae
+from data import (add_latent_args, add_training_args, count_flops, encode_videos, fail, latent_data, load_stage,
+                  local_or_name, parse_resolution, parse_stage_args, save_safetensors_atomic, setup_distributed, train,
+                  validation_loss, video_to_uint8, write_image, write_json_atomic)
 
 # -----------------------------------------------------------------------------
-# 1. Text encoder: OpenCLIP text tower, used the way Stable Diffusion 2.x uses it
-
-# Same format as open_clip.get_model_config("ViT-H-14"), at toy size. The vocabulary stays
-# CLIP's (49408) because the tokenizer is CLIP's; 77 tokens is the context SD expects.
-TINY_TEXT_CONFIG = {"embed_dim": 64,
-                    "text_cfg": {"context_length": 77, "vocab_size": 49408,
-                                 "width": 64, "heads": 4, "layers": 2}}
-
-
-class TextEncoder(nn.Module):
-    """Frozen CLIP text tower: prompts -> (tokens (B, 77, width), pooled (B, embed_dim)).
-
-    tokens: output of the penultimate transformer block, then the final LayerNorm. This is
-      what SD 2.x cross-attends to (its UNet was trained on exactly these features).
-    pooled: the usual CLIP text embedding (last block, final LayerNorm, end-of-text token,
-      text_projection). SD's UNet ignores it; the motion DiT uses it as a global condition.
-    Only the text tower is built (no vision tower), straight from an open_clip model config.
-    """
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config  # {"embed_dim": ..., "text_cfg": {...}}, as open_clip's model configs
-        if config["text_cfg"]["layers"] < 2:
-            raise ValueError("the text tower needs >= 2 layers: SD reads the penultimate one")
-        self.text = TextTransformer(output_dim=config["embed_dim"], **config["text_cfg"])
-        self.tokenizer = open_clip.SimpleTokenizer(context_length=self.text.context_length)
-        self.width, self.embed_dim = self.text.width, config["embed_dim"]
-        self.requires_grad_(False).eval()  # frozen, as when SD 2.x was trained
-
-    def tokenize(self, prompts):
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f"prompts must be a list of str, got {prompts!r}")
-        n = self.text.context_length
-        for p in prompts:
-            if p and not p.strip():
-                raise ValueError(f"blank prompt {p!r}: use '' for the unconditional prompt")
-            length = len(self.tokenizer.encode(p)) + 2  # + start and end-of-text tokens
-            if length > n:
-                warnings.warn(f"prompt of {length} tokens truncated to {n}: {p[:60]!r}...")
-        return self.tokenizer(prompts)  # (B, 77) int64, zero-padded, truncated to 77
-
-    @torch.no_grad()
-    def forward(self, prompts):
-        t = self.text
-        ids = self.tokenize(prompts).to(t.positional_embedding.device)
-        x = t.token_embedding(ids) + t.positional_embedding  # (B, 77, width)
-        for block in t.transformer.resblocks[:-1]:
-            x = block(x, attn_mask=t.attn_mask)  # causal mask, as CLIP was trained
-        tokens = t.ln_final(x)  # SD 2.x: layer="penultimate"
-        x = t.ln_final(t.transformer.resblocks[-1](x, attn_mask=t.attn_mask))
-        eot = ids.argmax(dim=-1)  # end-of-text has the largest id in CLIP's vocabulary
-        pooled = x[torch.arange(len(ids), device=x.device), eot] @ t.text_projection
-        return tokens, pooled
-
-
-def load_open_clip_text_weights(te, path):
-    """Fill te's text tower from an open_clip checkpoint file (.bin/.pt/.safetensors)."""
-    # open_clip's loader unwraps {"state_dict": ...} and DDP's "module." prefixes.
-    state = open_clip.factory.load_state_dict(str(path))
-    # CLIP checkpoints (ViT-H-14) keep the text tower at the top level, next to "visual.*";
-    # CustomTextCLIP ones put it under "text.".
-    state = {k.removeprefix("text."): v for k, v in state.items()}
-    wanted = te.text.state_dict().keys()
-    missing = [k for k in wanted if k not in state]
-    if missing:
-        raise ValueError(f"{path} holds no open_clip text tower of this config: "
-                         f"missing {missing[:4]} ({len(missing)} keys)")
-    te.text.load_state_dict({k: state[k] for k in wanted})
-    return te
-
-
-def build_text_encoder(name="tiny", weights=None, pretrained=None, seed=0):
-    """'tiny': a random frozen tower (fixed seed). Otherwise an open_clip model name
-    (paper: 'ViT-H-14') loaded from a local checkpoint `weights`, or downloaded by open_clip
-    from its `pretrained` tag (e.g. 'laion2b_s32b_b79k', the one SD 2.x was trained with)."""
-    if name == "tiny":
-        with torch.random.fork_rng(devices=[]):  # same weights every time, global RNG untouched
-            torch.manual_seed(seed)
-            return TextEncoder(TINY_TEXT_CONFIG)
-    config = open_clip.get_model_config(name)
-    if config is None:
-        raise ValueError(f"unknown open_clip model {name!r}")
-    if pretrained:
-        tag = open_clip.get_pretrained_cfg(name, pretrained)
-        if not tag:
-            raise ValueError(f"open_clip has no pretrained {pretrained!r} for {name}; it has "
-                             f"{open_clip.list_pretrained_tags_by_model(name)}")
-        weights = open_clip.download_pretrained(tag)
-    if weights is None:
-        raise ValueError(f"{name} needs weights: a local open_clip checkpoint (--text-weights) "
-                         "or an open_clip pretrained tag (needs network)")
-    return load_open_clip_text_weights(TextEncoder(config), weights)
-
-
-def save_text_encoder(te, run_dir):
-    """Config + weights into run_dir, so the run reloads the exact same text features."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # Weights first: text_encoder_for_run takes the json's presence to mean the pair is complete
-    # (under torchrun every rank builds the same seeded encoder, and one may read what another saves).
-    save_safetensors_atomic(run_dir / "text_encoder.safetensors", te.text.state_dict())
-    write_json_atomic(run_dir / "text_encoder.json", te.config)
-
-
-def load_text_encoder(run_dir):
-    run_dir = Path(run_dir)
-    config_path, weights_path = run_dir / "text_encoder.json", run_dir / "text_encoder.safetensors"
-    if not (config_path.is_file() and weights_path.is_file()):
-        raise FileNotFoundError(f"{run_dir} has no saved text encoder "
-                                "(text_encoder.json + text_encoder.safetensors)")
-    te = TextEncoder(json.loads(config_path.read_text()))
-    te.text.load_state_dict(load_file(weights_path))
-    return te
-
-
-# -----------------------------------------------------------------------------
-# 2. Content UNet: Stable Diffusion's, through diffusers (or a tiny one)
-
-# Stable Diffusion 2.1's UNet (unet/config.json of stabilityai/stable-diffusion-2-1), so the
-# full model builds on the `meta` device without a download: 865,910,724 parameters.
-SD21_UNET_CONFIG = dict(
-    sample_size=96,  # 768 px / 8; the UNet is convolutional, the paper runs it at 64x128
-    in_channels=4, out_channels=4,  # SD-VAE latents
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    attention_head_dim=(5, 10, 20, 20),  # diffusers' historical name: the number of heads
-    cross_attention_dim=1024,  # = OpenCLIP ViT-H/14 text width
-    use_linear_projection=True, upcast_attention=True,
-)
-
-
-def tiny_unet(cross_attention_dim, sample_size=32, in_channels=3):
-    """A small UNet of SD's design, trained from scratch on pixel content frames."""
-    return UNet2DConditionModel(
-        sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
-        block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
-        # text cross-attention at 8x8 and 4x4 only: at 16x16 it took half of a CPU training step
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        attention_head_dim=8,  # 8 heads (see SD21_UNET_CONFIG)
-        cross_attention_dim=cross_attention_dim,
-        # The prompt also enters globally, as in DeepFloyd IF: the text tokens, attention-pooled
-        # into one vector, are added to the timestep embedding of every block. With cross-attention
-        # alone, 1,200 steps gave the prompted colour in 0.50 of sampled frames; with this, 1.00
-        # (README). SD's UNet has no such input.
-        addition_embed_type="text", addition_embed_type_num_heads=4,
-    )
-
-
-def load_sd_unet(path_or_id):
-    """Stable Diffusion's UNet and its training noise schedule, from a diffusers folder or hub id.
-
-    Returns (unet, schedule) where schedule holds the keyword arguments of Diffusion.
-    """
-    if os.path.isdir(path_or_id):
-        for need in ("unet/config.json", "scheduler/scheduler_config.json"):
-            if not (Path(path_or_id) / need).is_file():
-                raise FileNotFoundError(
-                    f"{path_or_id} is not a Stable Diffusion folder: it lacks {need}. An SD folder "
-                    "(diffusers layout, e.g. a download of stabilityai/stable-diffusion-2-1) holds "
-                    "unet/config.json, unet/diffusion_pytorch_model.safetensors and "
-                    "scheduler/scheduler_config.json")
-    try:
-        unet = UNet2DConditionModel.from_pretrained(path_or_id, subfolder="unet")
-        config = DDIMScheduler.load_config(path_or_id, subfolder="scheduler")
-    except OSError as e:
-        where = "local folder" if os.path.isdir(path_or_id) else "no local folder; Hugging Face hub"
-        raise OSError(f"could not load Stable Diffusion from {path_or_id!r} ({where}): {e}") from e
-    if config.get("beta_schedule") != "scaled_linear":
-        raise ValueError(f"{path_or_id}: beta_schedule {config.get('beta_schedule')!r}; "
-                         "Diffusion implements SD's 'scaled_linear' only")
-    schedule = dict(prediction_type=config.get("prediction_type", "epsilon"),  # SD 1.x: no key
-                    num_train_timesteps=config["num_train_timesteps"],
-                    beta_start=config["beta_start"], beta_end=config["beta_end"],
-                    steps_offset=config.get("steps_offset", 0),
-                    rescale_betas_zero_snr=config.get("rescale_betas_zero_snr", False))
-    return unet, schedule
-
-
-def unet_model_fn(unet):
-    """The UNet as a Diffusion model_fn(x, t, cond), cond = text tokens (B, 77, width)."""
-    return lambda x, t, tokens: unet(x, t, encoder_hidden_states=tokens).sample
-
-
-# -----------------------------------------------------------------------------
-# 3. Diffusion maths, written out (DDPM: Ho et al. 2020; DDIM: Song et al. 2021)
+# 1. Diffusion maths, written out (DDPM: Ho et al. 2020; DDIM: Song et al. 2021)
 #
 # Glossary, names here -> symbols of the DDIM paper (whose alpha_t is DDPM's alpha-bar_t):
 #   alphas_cumprod[t]  alpha_t          x_t = sqrt(alpha_t) x_0 + sqrt(1 - alpha_t) eps
@@ -390,7 +208,102 @@ def drop_prompts(prompts, p, generator=None):
 
 
 # -----------------------------------------------------------------------------
-# 4. Presets
+# 2. Content UNet: Stable Diffusion's, through diffusers (or a tiny one)
+
+# Stable Diffusion 2.1's UNet (unet/config.json of stabilityai/stable-diffusion-2-1), so the
+# full model builds on the `meta` device without a download: 865,910,724 parameters.
+SD21_UNET_CONFIG = dict(
+    sample_size=96,  # 768 px / 8; the UNet is convolutional, the paper runs it at 64x128
+    in_channels=4, out_channels=4,  # SD-VAE latents
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    attention_head_dim=(5, 10, 20, 20),  # diffusers' historical name: the number of heads
+    cross_attention_dim=1024,  # = OpenCLIP ViT-H/14 text width
+    use_linear_projection=True, upcast_attention=True,
+)
+
+
+def tiny_unet(cross_attention_dim, sample_size=32, in_channels=3):
+    """A small UNet of SD's design, trained from scratch on pixel content frames."""
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
+        block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
+        # text cross-attention at 8x8 and 4x4 only: at 16x16 it is the costliest part of a CPU step
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        attention_head_dim=8,  # 8 heads (see SD21_UNET_CONFIG)
+        cross_attention_dim=cross_attention_dim,
+        # The prompt also enters globally, as in DeepFloyd IF: the text tokens, attention-pooled
+        # into one vector, are added to the timestep embedding of every block, so a small UNet
+        # hears the prompt early in training (README). SD's UNet has no such input.
+        addition_embed_type="text", addition_embed_type_num_heads=4,
+    )
+
+
+def unet_model_fn(unet):
+    """The UNet as a Diffusion model_fn(x, t, cond), cond = text tokens (B, 77, width)."""
+    return lambda x, t, tokens: unet(x, t, encoder_hidden_states=tokens).sample
+
+
+# -----------------------------------------------------------------------------
+# 3. Text encoder: OpenCLIP text tower, used the way Stable Diffusion 2.x uses it
+
+# Same format as open_clip.get_model_config("ViT-H-14"), at toy size. The vocabulary stays
+# CLIP's (49408) because the tokenizer is CLIP's; 77 tokens is the context SD expects.
+TINY_TEXT_CONFIG = {"embed_dim": 64,
+                    "text_cfg": {"context_length": 77, "vocab_size": 49408,
+                                 "width": 64, "heads": 4, "layers": 2}}
+
+
+class TextEncoder(nn.Module):
+    """Frozen CLIP text tower: prompts -> (tokens (B, 77, width), pooled (B, embed_dim)).
+
+    tokens: output of the penultimate transformer block, then the final LayerNorm. This is
+      what SD 2.x cross-attends to (its UNet was trained on exactly these features).
+    pooled: the usual CLIP text embedding (last block, final LayerNorm, end-of-text token,
+      text_projection). SD's UNet ignores it; the motion DiT uses it as a global condition.
+    Only the text tower is built (no vision tower), straight from an open_clip model config.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config  # {"embed_dim": ..., "text_cfg": {...}}, as open_clip's model configs
+        if config["text_cfg"]["layers"] < 2:
+            raise ValueError("the text tower needs >= 2 layers: SD reads the penultimate one")
+        self.text = TextTransformer(output_dim=config["embed_dim"], **config["text_cfg"])
+        self.tokenizer = open_clip.SimpleTokenizer(context_length=self.text.context_length)
+        self.width, self.embed_dim = self.text.width, config["embed_dim"]
+        self.requires_grad_(False).eval()  # frozen, as when SD 2.x was trained
+
+    def tokenize(self, prompts):
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts must be a list of str, got {prompts!r}")
+        n = self.text.context_length
+        for p in prompts:
+            if p and not p.strip():
+                raise ValueError(f"blank prompt {p!r}: use '' for the unconditional prompt")
+            length = len(self.tokenizer.encode(p)) + 2  # + start and end-of-text tokens
+            if length > n:
+                warnings.warn(f"prompt of {length} tokens truncated to {n}: {p[:60]!r}...")
+        return self.tokenizer(prompts)  # (B, 77) int64, zero-padded, truncated to 77
+
+    @torch.no_grad()
+    def forward(self, prompts):
+        t = self.text
+        ids = self.tokenize(prompts).to(t.positional_embedding.device)
+        x = t.token_embedding(ids) + t.positional_embedding  # (B, 77, width)
+        for block in t.transformer.resblocks[:-1]:
+            x = block(x, attn_mask=t.attn_mask)  # causal mask, as CLIP was trained
+        tokens = t.ln_final(x)  # SD 2.x: layer="penultimate"
+        x = t.ln_final(t.transformer.resblocks[-1](x, attn_mask=t.attn_mask))
+        eot = ids.argmax(dim=-1)  # end-of-text has the largest id in CLIP's vocabulary
+        pooled = x[torch.arange(len(ids), device=x.device), eot] @ t.text_projection
+        return tokens, pooled
+
+
+# -----------------------------------------------------------------------------
+# 4. Presets and training: fine-tune (paper) or train (tiny) the UNet on the AE's content frames
 
 @dataclass
 class ContentConfig:
@@ -401,11 +314,10 @@ class ContentConfig:
     # unlike eps, it stays a well-scaled target at both ends of the schedule
     prediction_type: str = "v_prediction"
     p_uncond: float = 0.1  # prompt dropout for classifier-free guidance (the usual 10%)
-    # Min-SNR-5 loss weights (Diffusion.loss): on the CPU budget the tiny UNet's samples went from
-    # speckled blobs to clean, prompt-coloured shapes; the paper fine-tunes SD with the plain loss
+    # Min-SNR-5 loss weights (Diffusion.loss), for training from scratch on a small budget;
+    # the paper fine-tunes SD with the plain loss
     snr_gamma: float | None = 5.0
-    # tiny: surer dark backgrounds than CFG 3, shapes alike (README)
-    cfg_scale: float = 5.0
+    cfg_scale: float = 5.0  # guidance of the tiny preset's samples (README)
     sample_steps: int = 50  # paper: 50 DDIM steps
 
 
@@ -417,24 +329,200 @@ PRESETS = {
 }
 
 
-# Training flags whose defaults differ by preset.
-TRAINING_DEFAULTS = {
-    # The CPU run's budget: 10 minutes in all, with the grid. That reaches step ~2,200 here, where
-    # the prompted colours have come but not the shapes; they come by step 3,500, the default
-    # --steps, which `python content.py --resume` reaches in 5 minutes more (README). No weight
-    # averaging: a run this short improves faster than an average of its recent weights (README).
-    "tiny": dict(minutes=9, ema_decay=0.0),
-    "paper": dict(minutes=None, ema_decay=0.9999),  # DiT's EMA
+# Training defaults per preset; the flags of data.add_training_args override them.
+DEFAULTS = {
+    # Chosen on a 2-core CPU for the shapes world (README): ~10 minutes with the latent cache. No weight
+    # averaging: a run this short improves faster than an average of its recent weights.
+    "tiny": dict(resolution=(32, 32), data="shapes", cache=True, steps=2200, batch_size=32, grad_accum=1, lr=1e-3,
+                 warmup=0, betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, ema_decay=0.0, every=500),
+    # Fine-tuning SD 2.x in full, as is common practice (the release has no SD fine-tuning): lr 1e-5
+    # after 500 warm-up steps, AdamW betas (0.9, 0.999), weight decay 1e-2, gradient clip 1, EMA 0.9999;
+    # global batch 256 as the release's diffusion models (1 x 32 accumulated x 8 GPUs; one GPU:
+    # --grad-accum 256). The step count is not given; 50k steps of 256 is ours. Clips are encoded on
+    # the fly (--no-cache): a WebVid-scale dataset cannot be encoded up front.
+    "paper": dict(resolution=(512, 1024), data=None, cache=False, steps=50_000, batch_size=1, grad_accum=32,
+                  lr=1e-5, warmup=500, betas=(0.9, 0.999), weight_decay=1e-2, grad_clip=1.0, ema_decay=0.9999,
+                  every=2000),
 }
 
-
-# -----------------------------------------------------------------------------
-# 5. Training: fine-tune (paper) or train (tiny) the UNet on the AE's content frames
 
 # Shrinking shapes: their content frame is the shape itself with soft edges, where a moving
 # shape's is a smear along its path and a rotating one's a disc (the weighted sum of Eq. 2).
 SHOWCASE_PROMPTS = [f"a {color} {shape} shrinking on a dark background"
                     for color in ("red", "green", "blue", "yellow") for shape in ("circle", "square", "triangle")]
+
+
+def build_unet(config, frame_shape, text_width):
+    """The UNet to train and its noise schedule: Stable Diffusion's, fine-tuned as it is with
+    no new parameters (the paper), or a tiny one trained from scratch on pixel content frames."""
+    if config.sd is None:
+        return tiny_unet(text_width, frame_shape[1:], frame_shape[0]), {"prediction_type": config.prediction_type}
+    unet, schedule = load_sd_unet(config.sd)
+    if unet.config.in_channels != frame_shape[0] or unet.config.cross_attention_dim != text_width:
+        raise ValueError(f"{config.sd} takes {unet.config.in_channels}-channel frames and "
+                         f"{unet.config.cross_attention_dim}-wide text tokens; the AE makes {frame_shape[0]}-channel "
+                         f"frames and the text encoder {text_width}-wide tokens")
+    return unet, schedule
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", choices=PRESETS)
+    parser.add_argument("--sd", type=local_or_name, help="Stable Diffusion folder or hub id (its unet/ and scheduler/)")
+    parser.add_argument("--text", type=local_or_name, help="open_clip model name or model-config .json of the text "
+                                                     "encoder (default: the preset's)")
+    parser.add_argument("--text-weights", type=local_or_name, help="local open_clip checkpoint of the text encoder")
+    parser.add_argument("--resolution", type=parse_resolution, help="with --flops: HEIGHTxWIDTH of the videos "
+                                                                    "(training takes the AE's)")
+    add_latent_args(parser)
+    add_training_args(parser)
+    args = parse_stage_args(parser, DEFAULTS, argv)
+    preset = PRESETS[args.preset]
+    config = replace(preset, sd=args.sd or preset.sd, text=args.text or preset.text)
+    if args.flops:  # on `meta`, at the AE preset's frame shape for --resolution: no run needed
+        try:
+            frames = config_at(AE_PRESETS[args.preset], args.resolution)
+        except ValueError as e:
+            fail(e)
+        return print_costs(config, (frames.channels, frames.height, frames.width))
+    # Everything that can be wrong with the input fails here, before training starts.
+    try:
+        rank, _, device = setup_distributed()
+        ae, frame_space = load_ae(args.ae or args.out, device)
+        dataset, val_batch = latent_data(args, ae, frame_space, device)
+        text_encoder = text_encoder_for_run(args.out, config, args.text_weights).to(device)
+        frame_shape = (ae.config.channels, ae.config.height, ae.config.width)
+        unet, schedule = build_unet(config, frame_shape, text_encoder.width)
+    except (OSError, ValueError, RuntimeError) as e:
+        fail(e)
+    torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
+    diffusion = Diffusion(**schedule)
+
+    def loss_fn(model, batch):
+        content_frame, _, captions = encode_videos(ae, frame_space, batch)
+        tokens = text_encoder(drop_prompts(captions, config.p_uncond))[0]  # CFG: 10% of prompts become ""
+        return diffusion.loss(unet_model_fn(model), content_frame, tokens, config.snr_gamma)
+
+    def evaluate(ema):
+        return {"val_loss": validation_loss(loss_fn, ema, val_batch)}
+
+    run_config = {"content": asdict(config), "unet": dict(unet.config), "schedule": schedule,
+                  "text_weights": args.text_weights}
+    ema = train("content", unet, loss_fn, dataset, args, run_config, evaluate)
+    if rank == 0:  # under torchrun, one process samples the grid
+        prompts = SHOWCASE_PROMPTS if args.data == "shapes" else val_batch[2][:12]
+        frames = sample_content_frames(text_encoder, ema, diffusion, prompts, config.sample_steps, config.cfg_scale,
+                                       frame_shape, torch.Generator(device).manual_seed(0))
+        images = frame_space.decode(frames[:, None])[:, 0]  # (n, 3, H, W) pixels
+        path = Path(args.out) / "content-samples.png"
+        columns = 3 if len(images) % 3 == 0 else 1
+        write_image(path, video_to_uint8(rearrange(images, "(row col) c h w -> c (row h) (col w)", col=columns)))
+        print(f"wrote {path}:", "rows red, green, blue, yellow; columns circle, square, triangle"
+              if args.data == "shapes" else "held-out captions " + "; ".join(prompts))
+
+
+def print_costs(config, frame_shape, batch_size=1):
+    """UNet parameters and FLOPs of one training step (forward + backward), on `meta`."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD21_UNET_CONFIG) if config.sd else tiny_unet(64, frame_shape[1:], frame_shape[0])
+        x = torch.empty(batch_size, *frame_shape)
+        tokens = torch.empty(batch_size, 77, unet.config.cross_attention_dim)
+        t = torch.zeros(batch_size, dtype=torch.long)
+    params = sum(p.numel() for p in unet.parameters())
+    flops, _ = count_flops(lambda: unet(x, t, encoder_hidden_states=tokens).sample.sum().backward())
+    print(f"content UNet: {params / 1e6:.1f} M parameters, {flops / 1e12:.3f} TFLOPs per training step "
+          f"(batch {batch_size}, {' x '.join(map(str, frame_shape))} content frames)")
+    return params, flops
+
+
+# -----------------------------------------------------------------------------
+# 5. Loading: Stable Diffusion's UNet, open_clip text weights, a trained content stage
+
+def load_sd_unet(path_or_id):
+    """Stable Diffusion's UNet and its training noise schedule, from a diffusers folder or hub id.
+
+    Returns (unet, schedule) where schedule holds the keyword arguments of Diffusion.
+    """
+    check_sd_folder(path_or_id, ("unet", "scheduler"))
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path_or_id, subfolder="unet")
+        config = DDIMScheduler.load_config(path_or_id, subfolder="scheduler")
+    except OSError as e:
+        where = "local folder" if os.path.isdir(path_or_id) else "no local folder; Hugging Face hub"
+        raise OSError(f"could not load Stable Diffusion from {path_or_id!r} ({where}): {e}") from e
+    if config.get("beta_schedule") != "scaled_linear":
+        raise ValueError(f"{path_or_id}: beta_schedule {config.get('beta_schedule')!r}; "
+                         "Diffusion implements SD's 'scaled_linear' only")
+    schedule = dict(prediction_type=config.get("prediction_type", "epsilon"),  # SD 1.x: no key
+                    num_train_timesteps=config["num_train_timesteps"],
+                    beta_start=config["beta_start"], beta_end=config["beta_end"],
+                    steps_offset=config.get("steps_offset", 0),
+                    rescale_betas_zero_snr=config.get("rescale_betas_zero_snr", False))
+    return unet, schedule
+
+
+def load_open_clip_text_weights(te, path):
+    """Fill te's text tower from an open_clip checkpoint file (.bin/.pt/.safetensors)."""
+    # open_clip's loader unwraps {"state_dict": ...} and DDP's "module." prefixes.
+    state = open_clip.factory.load_state_dict(str(path))
+    # CLIP checkpoints (ViT-H-14) keep the text tower at the top level, next to "visual.*";
+    # CustomTextCLIP ones put it under "text.".
+    state = {k.removeprefix("text."): v for k, v in state.items()}
+    wanted = te.text.state_dict().keys()
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        raise ValueError(f"{path} holds no open_clip text tower of this config: "
+                         f"missing {missing[:4]} ({len(missing)} keys)")
+    te.text.load_state_dict({k: state[k] for k in wanted})
+    return te
+
+
+def build_text_encoder(name="tiny", weights=None, pretrained=None, seed=0):
+    """'tiny': a random frozen tower (fixed seed). Otherwise an open_clip model name (paper:
+    'ViT-H-14') or an open_clip model-config .json file, loaded from a local checkpoint `weights`,
+    or downloaded by open_clip from its `pretrained` tag (e.g. 'laion2b_s32b_b79k', the one SD 2.x
+    was trained with)."""
+    if name == "tiny":
+        with torch.random.fork_rng(devices=[]):  # same weights every time, global RNG untouched
+            torch.manual_seed(seed)
+            return TextEncoder(TINY_TEXT_CONFIG)
+    if name.endswith(".json"):
+        config = json.loads(Path(name).read_text())
+    else:
+        config = open_clip.get_model_config(name)
+    if config is None:
+        raise ValueError(f"unknown open_clip model {name!r}: give a name open_clip knows, or a model-config .json")
+    if pretrained:
+        tag = open_clip.get_pretrained_cfg(name, pretrained)
+        if not tag:
+            raise ValueError(f"open_clip has no pretrained {pretrained!r} for {name}; it has "
+                             f"{open_clip.list_pretrained_tags_by_model(name)}")
+        weights = open_clip.download_pretrained(tag)
+    if weights is None:
+        raise ValueError(f"{name} needs weights: a local open_clip checkpoint (--text-weights) "
+                         "or an open_clip pretrained tag (needs network)")
+    return load_open_clip_text_weights(TextEncoder(config), weights)
+
+
+def save_text_encoder(te, run_dir):
+    """Config + weights into run_dir, so the run reloads the exact same text features."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Weights first: text_encoder_for_run takes the json's presence to mean the pair is complete
+    # (under torchrun every rank builds the same seeded encoder, and one may read what another saves).
+    save_safetensors_atomic(run_dir / "text_encoder.safetensors", te.text.state_dict())
+    write_json_atomic(run_dir / "text_encoder.json", te.config)
+
+
+def load_text_encoder(run_dir):
+    run_dir = Path(run_dir)
+    config_path, weights_path = run_dir / "text_encoder.json", run_dir / "text_encoder.safetensors"
+    if not (config_path.is_file() and weights_path.is_file()):
+        raise FileNotFoundError(f"{run_dir} has no saved text encoder "
+                                "(text_encoder.json + text_encoder.safetensors)")
+    te = TextEncoder(json.loads(config_path.read_text()))
+    te.text.load_state_dict(load_file(weights_path))
+    return te
 
 
 def text_encoder_for_run(run_dir, config, text_weights=None):
@@ -472,76 +560,6 @@ def sample_content_frames(te, unet, diffusion, prompts, steps, cfg_scale, shape,
     cond, uncond = te(prompts)[0], te([""] * len(prompts))[0]
     return diffusion.ddim_sample(unet_model_fn(unet), (len(prompts), *shape), cond, uncond, steps=steps,
                                  cfg_scale=cfg_scale, generator=generator, progress=progress, desc=desc)
-
-
-def build_unet(config, frame_shape, text_width):
-    """The UNet to train and its noise schedule: Stable Diffusion's, fine-tuned as it is with
-    no new parameters (the paper), or a tiny one trained from scratch on pixel content frames."""
-    if config.sd is None:
-        return tiny_unet(text_width, frame_shape[1:], frame_shape[0]), {"prediction_type": config.prediction_type}
-    unet, schedule = load_sd_unet(config.sd)
-    if unet.config.in_channels != frame_shape[0] or unet.config.cross_attention_dim != text_width:
-        raise ValueError(f"{config.sd} takes {unet.config.in_channels}-channel frames and "
-                         f"{unet.config.cross_attention_dim}-wide text tokens; the AE makes {frame_shape[0]}-channel "
-                         f"frames and the text encoder {text_width}-wide tokens")
-    return unet, schedule
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", choices=PRESETS)
-    parser.add_argument("--sd", default=None, help="Stable Diffusion folder or hub id (its unet/ and scheduler/)")
-    parser.add_argument("--text-weights", default=None, help="local open_clip checkpoint of the text encoder")
-    add_latent_args(parser)
-    add_training_args(parser, steps=3500, batch_size=32, lr=1e-3, every=500, ema_decay=None)
-    args = parser.parse_args()
-    for name, value in TRAINING_DEFAULTS[args.preset].items():  # flags left unset
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    config = PRESETS[args.preset] if args.sd is None else replace(PRESETS[args.preset], sd=args.sd)
-    args.out = args.out or f"runs/{args.preset}"
-    if args.flops:  # on `meta`, at the AE preset's frame shape: no run needed
-        c = AE_PRESETS[args.preset]
-        return print_costs(config, (c.channels, c.height, c.width))
-    rank, _, device = setup_distributed()
-    torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
-    ae, frame_space = load_ae(args.ae or args.out, device)
-    c = ae.config
-    frame_shape = (c.channels, c.height, c.width)
-    te = text_encoder_for_run(args.out, config, args.text_weights).to(device)
-    unet, schedule = build_unet(config, frame_shape, te.width)
-    diffusion = Diffusion(**schedule)
-    dataset = latent_dataset(args, ae, frame_space, device)
-
-    def loss_fn(model, batch):
-        content_frame, _, captions = encode_videos(ae, frame_space, batch)
-        tokens = te(drop_prompts(captions, config.p_uncond))[0]  # CFG: 10% of prompts become ""
-        return diffusion.loss(unet_model_fn(model), content_frame, tokens, config.snr_gamma)
-
-    run_config = {"content": asdict(config), "unet": dict(unet.config), "schedule": schedule,
-                  "text_weights": args.text_weights}
-    ema = train("content", unet, loss_fn, dataset, args, run_config)
-    if rank == 0:  # under torchrun, one process samples the grid
-        frames = sample_content_frames(te, ema, diffusion, SHOWCASE_PROMPTS, config.sample_steps, config.cfg_scale,
-                                       frame_shape, torch.Generator(device).manual_seed(0))
-        images = frame_space.decode(frames[:, None])[:, 0]  # (12, 3, H, W) pixels
-        path = Path(args.out) / "content-samples.png"
-        write_image(path, video_to_uint8(rearrange(images, "(row col) c h w -> c (row h) (col w)", col=3)))
-        print(f"wrote {path}: rows red, green, blue, yellow; columns circle, square, triangle")
-
-
-def print_costs(config, frame_shape, batch_size=1):
-    """UNet parameters and FLOPs of one training step (forward + backward), on `meta`."""
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD21_UNET_CONFIG) if config.sd else tiny_unet(64, frame_shape[1:], frame_shape[0])
-        x = torch.empty(batch_size, *frame_shape)
-        tokens = torch.empty(batch_size, 77, unet.config.cross_attention_dim)
-        t = torch.zeros(batch_size, dtype=torch.long)
-    params = sum(p.numel() for p in unet.parameters())
-    flops = count_flops(lambda: unet(x, t, encoder_hidden_states=tokens).sample.sum().backward())
-    print(f"content UNet: {params / 1e6:.1f} M parameters, {flops / 1e12:.3f} TFLOPs per training step "
-          f"(batch {batch_size}, {' x '.join(map(str, frame_shape))} content frames)")
-    return params, flops
 
 
 if __name__ == "__main__":

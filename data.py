@@ -1,8 +1,9 @@
 """Data for every stage of CMD: video I/O, the datasets, and the training harness.
 
 - Video I/O through PyAV: `read_video` / `write_video` move uint8 frames (L, H, W, 3)
-  between files and numpy; `video_to_uint8` / `uint8_to_video` convert to and from the
-  model's float videos (L, 3, H, W) in [-1, 1].
+  between files and numpy, `read_clip` decodes only the frames of one clip;
+  `video_to_uint8` / `uint8_to_video` convert to and from the model's float videos
+  (L, 3, H, W) in [-1, 1]. A video size is (height, width) everywhere.
 - Datasets yield `(video, caption)`, video float32 (L, 3, H, W) in [-1, 1]:
   * `ShapesDataset`, the embedded default: procedurally drawn coloured shapes that move,
     grow, shrink or rotate, with a caption built from what was drawn. It needs no
@@ -10,14 +11,20 @@
   * `VideoCSVDataset`: a CSV of `path,caption` rows, or the `videoid,name` rows of
     WebVid-10M (the text-video data of the paper's headline FVD).
   * `VideoFolderDataset`: UCF-101-style class folders; the class name is the caption.
-  `make_dataset(spec, ...)` picks one from a string: "shapes", a .csv file, or a folder.
+  `make_dataset(spec, ...)` picks one from a string: "shapes", a .csv file, or a folder,
+  and its "train" or "val" split (held-out videos, never trained on).
 - The training harness shared by all stages (below the datasets).
 """
+import argparse
+import contextlib
 import copy
 import csv
+import hashlib
+import itertools
 import json
 import os
 import re
+import sys
 import time
 import warnings
 from fractions import Fraction
@@ -51,6 +58,78 @@ def read_video(path):
             frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     except (av.FFmpegError, OSError) as e:
         raise VideoError(f"cannot read video {path}: {e}") from e
+    return _stack(path, frames)
+
+
+def read_clip(path, frames, stride=1, start=None):
+    """Decode one clip: `frames` frames taken every `stride` frames from frame `start`
+    -> np.uint8 (frames, H, W, 3), equal to read_video(path)[start:start + span:stride]
+    with span = (frames - 1) * stride + 1.
+
+    Only the clip is decoded, plus the frames between the keyframe before it and its start:
+    16 frames of a 20 s clip, not all 500. start=None draws a start with torch's RNG
+    (seeded per DataLoader worker), uniformly over the starts whose span fits.
+    """
+    span = (frames - 1) * stride + 1
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError(f"{path}: the file has no video stream")
+            stream = container.streams.video[0]
+            total = stream.frames or _count_frames(path)  # webm and mkv store no frame count
+            if total < span:
+                raise VideoError(f"{path} has {total} frames, fewer than the {span} needed")
+            if start is None:
+                start = int(torch.randint(total - span + 1, ()))
+            clip = [frame.to_ndarray(format="rgb24")
+                    for frame in itertools.islice(_frames_from(container, stream, start), 0, span, stride)]
+    except (av.FFmpegError, OSError) as e:
+        raise VideoError(f"cannot read video {path}: {e}") from e
+    if len(clip) < frames:  # the container's frame count was too high
+        raise VideoError(f"{path}: only {len(clip)} of {frames} frames decoded from frame {start} "
+                         f"(the file says it has {total})")
+    return _stack(path, clip)
+
+
+def _frames_from(container, stream, start):
+    """Decoded frames (av.VideoFrame) from frame `start` on, in display order.
+
+    Frame i is shown at pts = pts of frame 0 + i frame durations (at a variable frame rate,
+    a frame near that time): seek to the keyframe before it, then drop the frames decoded
+    before it.
+    """
+    decoded = container.decode(stream)
+    first = next(decoded, None)
+    rate = stream.guessed_rate or stream.average_rate
+    if first is None or first.pts is None or not rate or start == 0:  # nothing to seek by, or no need
+        yield from itertools.islice(itertools.chain([first] if first else [], decoded), start, None)
+        return
+    tick = 1 / (rate * stream.time_base)  # one frame's duration, in pts units
+    target = first.pts + start * tick  # frame 0's pts, not the stream's start time: AVI B-frames shift it
+    seek_to = target
+    while True:
+        container.seek(int(seek_to), stream=stream, backward=True, any_frame=False)
+        decoded = container.decode(stream)
+        frame = next(decoded, None)
+        if frame is None or frame.pts <= target + tick / 2 or seek_to <= first.pts:
+            break
+        # Landed past the target: AVI indexes keyframes by decode time, and B-frames shown
+        # before their keyframe cannot be decoded from it. Seek again, further back.
+        seek_to = max(first.pts, seek_to - (frame.pts - target) - tick)
+    while frame is not None and frame.pts < target - tick / 2:
+        frame = next(decoded, None)
+    if frame is not None:
+        yield frame
+        yield from decoded
+
+
+def _count_frames(path):
+    """Count a video's frames by reading its packets, without decoding them."""
+    with av.open(str(path)) as container:
+        return sum(1 for packet in container.demux(video=0) if packet.size)
+
+
+def _stack(path, frames):
     if not frames or any(f.shape != frames[0].shape for f in frames):
         raise VideoError(f"{path}: no decodable frames, or frames of changing size")
     return np.stack(frames)
@@ -121,6 +200,25 @@ def video_to_uint8(video):
 def uint8_to_video(frames):
     """np.uint8 (..., H, W, 3) -> float32 tensor (..., 3, H, W) in [-1, 1]."""
     return torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -3).float() / 127.5 - 1
+
+
+def check_size(size):
+    """A video size is (height, width) in pixels: a pair of positive ints. -> (height, width)."""
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+        raise ValueError(f"a video size is (height, width), two positive ints, got {size!r}")
+    return tuple(size)
+
+
+def resize_cover(video, size):
+    """Float video (L, 3, H, W) -> (L, 3, h, w): scaled to cover (h, w) with its aspect ratio
+    kept, then centre-cropped. Nothing is stretched; the excess of one side is cut off."""
+    h, w = check_size(size)
+    scale = max(h / video.shape[-2], w / video.shape[-1])
+    covering = (max(h, round(video.shape[-2] * scale)), max(w, round(video.shape[-1] * scale)))
+    video = F.interpolate(video, size=covering, mode="bilinear", antialias=True)  # no aliasing when shrinking
+    top, left = (covering[0] - h) // 2, (covering[1] - w) // 2
+    return video[..., top:top + h, left:left + w]
 
 
 # ------------------------------------------------------------------ the shapes world
@@ -237,11 +335,18 @@ class ShapesDataset(torch.utils.data.Dataset):
     "x", "y", "radius"}, ...]}, x and y the start centre and radius in fractions of the
     frame. split="train" never draws a HELDOUT_COMBOS triple; split="heldout" draws only
     those, one shape per video. max_shapes (1 or 2) bounds the shapes per video.
+    size is the side of the square frames, or (height, width) with height == width.
     """
 
     def __init__(self, num_videos=10_000, size=32, frames=16, seed=0, max_shapes=1, split="train"):
         if max_shapes not in (1, 2) or split not in ("train", "heldout"):
             raise ValueError(f"want max_shapes 1 or 2 and split 'train' or 'heldout', got {max_shapes}, {split!r}")
+        if not isinstance(size, int):
+            height, width = check_size(size)
+            if height != width:
+                raise ValueError(f"the shapes world draws square frames, not {height}x{width}: use e.g. 32x32, "
+                                 f"or video files for other shapes")
+            size = height
         self.num_videos, self.size, self.frames, self.seed = num_videos, size, frames, seed
         self.max_shapes, self.split = max_shapes, split
 
@@ -261,23 +366,26 @@ class ShapesDataset(torch.utils.data.Dataset):
 # ------------------------------------------------------------------ video file datasets
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".gif", ".mkv", ".mov")
+VAL_FRACTION = 0.05  # the share of a listing held out for validation when it has no validation listing
 
 
 class _VideoFileDataset(torch.utils.data.Dataset):
     """Shared by the file datasets: a random clip of `frames` frames taken every `stride`
-    frames, shorter side resized to `size` and centre-cropped to size x size.
+    frames (read_clip), resized to cover `size` = (height, width) and centre-cropped to it
+    (resize_cover).
 
     Files are only opened when an item is asked for (a listing can hold millions).
     A file that is unreadable or too short is skipped with a warning, remembered in
     `self.bad` and counted in `self.skipped` (per process: each DataLoader worker has
-    its own count), and the next index is tried instead.
+    its own count), and a replacement row is drawn at random, seeded by (seed, index,
+    attempt): the same row in every run, and no row gains the weight of bad neighbours.
     """
 
-    def __init__(self, source, items, frames, size, stride):
+    def __init__(self, source, items, frames, size, stride, seed):
         if not items:
             raise ValueError(f"no videos listed in {source}")
         self.source, self.items = source, items  # items: list of (path, caption)
-        self.frames, self.size, self.stride = frames, size, stride
+        self.frames, self.size, self.stride, self.seed = frames, check_size(size), stride, seed
         self.bad = set()
 
     @property
@@ -288,41 +396,55 @@ class _VideoFileDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        for k in range(i, i + len(self.items)):
-            k %= len(self.items)
-            if k in self.bad:
-                continue
-            path, caption = self.items[k]
-            try:
-                return self.load_clip(path), caption
-            except VideoError as e:
-                self.bad.add(k)
-                warnings.warn(f"skipping video: {e}")
-        raise RuntimeError(f"no usable video in {self.source}: all {len(self.items)} failed to decode or "
-                           f"have fewer than {(self.frames - 1) * self.stride + 1} frames; check the paths, "
-                           f"the files and the frames/stride options")
+        k = i
+        for attempt in itertools.count(1):
+            if k not in self.bad:
+                path, caption = self.items[k]
+                try:
+                    return self.load_clip(path), caption
+                except VideoError as e:
+                    self.bad.add(k)
+                    warnings.warn(f"skipping video: {e}")
+            if len(self.bad) == len(self.items):
+                raise RuntimeError(f"no usable video in {self.source}: all {len(self.items)} failed to decode or "
+                                   f"have fewer than {(self.frames - 1) * self.stride + 1} frames; check the "
+                                   f"paths, the files and the frames/stride options")
+            k = int(np.random.default_rng([self.seed, i, attempt]).integers(len(self.items)))
 
     def load_clip(self, path):
-        video = read_video(path)  # the whole file: clips of UCF-101 / WebVid last seconds
-        span = (self.frames - 1) * self.stride + 1
-        if len(video) < span:
-            raise VideoError(f"{path} has {len(video)} frames, fewer than the {span} needed")
-        start = int(torch.randint(len(video) - span + 1, ()))  # torch's RNG: seeded per DataLoader worker
-        clip = torch.from_numpy(video[start:start + span:self.stride]).permute(0, 3, 1, 2).float()
-        h, w = clip.shape[-2:]
-        scale = self.size / min(h, w)
-        clip = F.interpolate(clip, size=(max(self.size, round(h * scale)), max(self.size, round(w * scale))),
-                             mode="bilinear", antialias=True)
-        top, left = (clip.shape[-2] - self.size) // 2, (clip.shape[-1] - self.size) // 2
-        clip = clip[..., top:top + self.size, left:left + self.size]
-        return (clip / 127.5 - 1).clamp(-1, 1)  # (L, 3, size, size)
+        clip = uint8_to_video(read_clip(path, self.frames, self.stride))  # (L, 3, H, W), a random start
+        return resize_cover(clip, self.size).clamp(-1, 1)  # clamp: float rounding of the interpolation
+
+
+def split_listing(source, items, split, val_fraction, seed):
+    """The (path, caption) rows of one split of a listing: "all", "train" or "val".
+
+    "val" is a fixed slice: the listing's distinct paths, sorted, permuted with `seed`, and
+    the first `val_fraction` of them (at least one when two or more are listed; 0 holds none
+    out). It depends on nothing but the listing and the seed (not even the order of rows),
+    and rows that repeat a video land on the same side. "train" is the rest.
+    """
+    if split not in ("all", "train", "val") or not 0 <= val_fraction < 1:
+        raise ValueError(f"want split 'all', 'train' or 'val' and 0 <= val_fraction < 1, "
+                         f"got {split!r}, {val_fraction}")
+    if split == "all":
+        return items
+    paths = sorted({path for path, _ in items})
+    n_val = min(len(paths) - 1, max(1, round(val_fraction * len(paths)))) if val_fraction > 0 else 0
+    if split == "val" and n_val <= 0:
+        raise ValueError(f"{source}: no videos held out for validation ({len(paths)} listed, val_fraction "
+                         f"{val_fraction}): list two or more videos, or give a validation listing of its own")
+    held_out = {paths[j] for j in np.random.default_rng(seed).permutation(len(paths))[:n_val]}
+    return [(path, caption) for path, caption in items if (path in held_out) == (split == "val")]
 
 
 class VideoCSVDataset(_VideoFileDataset):
     """A CSV with header `path,caption` (paths relative to the CSV's folder), or WebVid's
-    `videoid,name`, read as `<video_folder>/<videoid>.mp4` (default: the CSV's folder)."""
+    `videoid,name`, read as `<video_folder>/<videoid>.mp4` (default: the CSV's folder).
+    split, val_fraction and seed choose the rows (split_listing)."""
 
-    def __init__(self, csv_path, frames=16, size=32, stride=1, video_folder=None):
+    def __init__(self, csv_path, frames=16, size=(32, 32), stride=1, video_folder=None, split="all",
+                 val_fraction=VAL_FRACTION, seed=0):
         csv_path = Path(csv_path)
         if not csv_path.is_file():
             raise FileNotFoundError(f"no such CSV file: {csv_path}")
@@ -336,7 +458,8 @@ class VideoCSVDataset(_VideoFileDataset):
             items = [(str(folder / f"{row['videoid']}.mp4"), row["name"]) for row in rows]
         else:
             raise ValueError(f"{csv_path}: want columns 'path,caption' or 'videoid,name', got {sorted(columns)}")
-        super().__init__(csv_path, items, frames, size, stride)
+        items = split_listing(csv_path, items, split, val_fraction, seed)
+        super().__init__(csv_path, items, frames, size, stride, seed)
 
 
 def class_caption(name):
@@ -346,61 +469,172 @@ def class_caption(name):
 
 
 class VideoFolderDataset(_VideoFileDataset):
-    """UCF-101 layout: `root/<ClassName>/**/<video>`; the caption is the class name in words."""
+    """UCF-101 layout: `root/<ClassName>/**/<video>`; the caption is the class name in words.
 
-    def __init__(self, root, frames=16, size=32, stride=1):
+    Where UCF-101's testlist01.txt lies in root, in root/ucfTrainTestlist or in a
+    ucfTrainTestlist folder beside root, "val" is its official split 1 (the test list) and
+    "train" every other video; otherwise split, val_fraction and seed work as in split_listing.
+    """
+
+    def __init__(self, root, frames=16, size=(32, 32), stride=1, split="all", val_fraction=VAL_FRACTION, seed=0):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"no such video folder: {root}")
         items = [(str(path), class_caption(folder.name))
                  for folder in sorted(root.iterdir()) if folder.is_dir()
                  for path in sorted(folder.rglob("*")) if path.suffix.lower() in VIDEO_SUFFIXES]
-        super().__init__(root, items, frames, size, stride)
+        test_list = _ucf_test_list(root) if split in ("train", "val") else None
+        if test_list is None:
+            items = split_listing(root, items, split, val_fraction, seed)
+        else:
+            items = [(path, caption) for path, caption in items
+                     if (Path(path).relative_to(root).as_posix().lower() in test_list) == (split == "val")]
+        super().__init__(root, items, frames, size, stride, seed)
 
 
-def make_dataset(spec, frames=16, size=32, stride=1, seed=0, **kw):
+def _ucf_test_list(root):
+    """UCF-101's testlist01.txt as a set of 'class/v_class_g01_c01.avi' paths, or None if absent.
+    Lowercase: copies of UCF-101 spell some names differently (HandstandPushups, HandStandPushups)."""
+    for folder in (root, root / "ucfTrainTestlist", root.parent / "ucfTrainTestlist"):
+        if (folder / "testlist01.txt").is_file():
+            lines = (folder / "testlist01.txt").read_text().splitlines()
+            return {line.split()[0].lower() for line in lines if line.strip()}
+    return None
+
+
+SHAPES_VAL_SEED = 10_000  # the shapes world's "val" split is the world drawn with seed + this
+
+
+def make_dataset(spec, frames=16, size=(32, 32), stride=1, seed=0, split="train", val_fraction=VAL_FRACTION,
+                 val_data=None, **kw):
     """The dataset a spec names: "shapes" -> ShapesDataset, a .csv path -> VideoCSVDataset,
-    a folder -> VideoFolderDataset.
+    a folder -> VideoFolderDataset, with frames of size = (height, width).
 
-    `seed` seeds the shapes world; file datasets draw clip starts from torch's RNG.
-    `stride` applies to file datasets; a shape's speed is fixed by the shapes world.
-    Other keywords go to the dataset (num_videos, max_shapes, split; video_folder).
+    split "train" and "val" never share a video. The shapes world's "val" is the world drawn
+    with seed + SHAPES_VAL_SEED, and "heldout" its unseen attribute combinations. A file
+    listing's "val" is a fixed slice of it (split_listing; UCF-101's official split 1 where its
+    lists are found), and "train" the rest. val_data, a second spec, replaces the slice:
+    "val" is all of val_data and "train" all of spec ("all": a whole listing).
+
+    `seed` seeds the shapes world, the slice and the replacement of unreadable files; file
+    datasets draw clip starts from torch's RNG. `stride` applies to file datasets; a shape's
+    speed is fixed by the shapes world. Other keywords go to the dataset (num_videos,
+    max_shapes; video_folder).
     """
+    size = check_size(size)
+    if val_data is not None:  # a validation listing of its own: each side is used whole
+        spec, split = (val_data if split == "val" else spec), "all"
     if spec == "shapes":
-        return ShapesDataset(size=size, frames=frames, seed=seed, **kw)
+        if split == "val":
+            seed, split = seed + SHAPES_VAL_SEED, "train"
+        return ShapesDataset(size=size, frames=frames, seed=seed, split="train" if split == "all" else split, **kw)
+    files = dict(frames=frames, size=size, stride=stride, split=split, val_fraction=val_fraction, seed=seed)
     if str(spec).lower().endswith(".csv"):
-        return VideoCSVDataset(spec, frames=frames, size=size, stride=stride, **kw)
+        return VideoCSVDataset(spec, **files, **kw)
     if Path(spec).is_dir():
-        return VideoFolderDataset(spec, frames=frames, size=size, stride=stride, **kw)
+        return VideoFolderDataset(spec, **files, **kw)
     raise ValueError(f"dataset {spec!r}: want 'shapes', a .csv file (path,caption or videoid,name) "
                      f"or a folder of class folders of videos")
+
+
+def report_loading_speed(dataset, n=8):
+    """Load n items in this process, print the clips/s and return it. One DataLoader worker
+    loads about this fast, so workers x clips/s below batch x steps/s means data loading,
+    not the model, bounds the training speed. torch's RNG is restored: the run is unchanged."""
+    n = min(n, len(dataset))
+    with torch.random.fork_rng(devices=[]):
+        begin = time.perf_counter()
+        for i in range(n):
+            dataset[i]
+        rate = n / (time.perf_counter() - begin)
+    print(f"data: {rate:.1f} clips/s decoded and resized by one process (timed on {n} clips)")
+    return rate
 
 # ------------------------------------------------------------------ the training harness
 # Written once, used by ae.py, content.py and motion.py: each stage builds its model and a
 # `loss_fn(model, batch) -> loss`, then calls train().
 
-STARTED = time.monotonic()  # --minutes counts from here: each stage imports this module as it starts
+def fail(message):
+    """A user's mistake: one line on stderr that names it, exit status 2, no traceback."""
+    print(f"{Path(sys.argv[0]).name}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise SystemExit(2)
 
 
-def add_training_args(parser, *, steps, batch_size, lr, ema_decay=0.9999, every=500):
-    """The flags every stage shares; each stage picks defaults that suit its tiny preset."""
-    parser.add_argument("--data", default="shapes", help='"shapes", a CSV of path,caption, or a folder of class folders')
-    parser.add_argument("--flops", action="store_true", help="print parameters and FLOPs (on `meta`), then exit")
-    parser.add_argument("--out", default=None, help="run directory, one for every stage (default: runs/<preset>)")
-    parser.add_argument("--steps", type=int, default=steps, help="total optimizer steps")
-    parser.add_argument("--minutes", type=float, default=None,
-                        help="also stop, with a checkpoint, once the program has run this long (wall clock from "
-                             "its start, so caching counts); the step reached is printed and kept in <stage>.json "
-                             "(0: no limit)")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="per process")
-    parser.add_argument("--lr", type=float, default=lr)
-    parser.add_argument("--ema-decay", type=float, default=ema_decay,
-                        help="weight averaging of the saved model (0: none, the trained weights themselves)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    parser.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory")
-    parser.add_argument("--every", type=int, default=every, help="evaluate and checkpoint every N steps")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
-    parser.add_argument("--seed", type=int, default=0)
+def local_or_name(text):
+    """A flag naming a file, a folder or a hub id: an existing local path becomes absolute, so that a
+    run records where its inputs are, whatever folder later loads it."""
+    return str(Path(text).resolve()) if Path(text).exists() else text
+
+
+def parse_resolution(text):
+    """'512x1024' -> (512, 1024): height x width of the videos, in pixels."""
+    try:
+        height, width = (int(side) for side in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want HEIGHTxWIDTH in pixels, e.g. 512x1024, got {text!r}") from None
+    if height < 1 or width < 1:
+        raise argparse.ArgumentTypeError(f"want positive sides, got {text!r}")
+    return height, width
+
+
+def add_training_args(parser):
+    """The flags every stage shares. Their defaults are the stage's DEFAULTS[--preset] table,
+    which sits next to the stage's own flags (parse_stage_args)."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", help='"shapes", a CSV of path,caption (or WebVid\'s videoid,name), or a folder '
+                                     "of class folders (UCF-101)")
+    data.add_argument("--val-data", default=None, help="a separate listing to validate on (default: a held-out "
+                                                        "slice of --data, or UCF-101's testlist01)")
+    data.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+                      help="share of the listed videos held out for validation")
+    data.add_argument("--stride", type=int, default=1,
+                      help="take every stride-th frame of a file (the shapes world ignores it)")
+    data.add_argument("--num-workers", type=int, default=-1,
+                      help="DataLoader worker processes (-1: 8 per GPU on CUDA, 0 on the CPU)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", default=None, help="run directory, one for every stage (default: runs/<preset>)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--flops", action="store_true", help="print parameters and FLOPs (on `meta`), then exit")
+    run.add_argument("--every", type=int, help="validate and checkpoint every N steps")
+    run.add_argument("--minutes", type=float, default=0,
+                     help="also stop, with a checkpoint, after this many minutes of training (0: no limit)")
+    optim = parser.add_argument_group("optimisation (AdamW)")
+    optim.add_argument("--steps", type=int, help="total optimizer steps")
+    optim.add_argument("--batch-size", type=int, help="videos per process and forward pass")
+    optim.add_argument("--grad-accum", type=int, help="forward passes accumulated per optimizer step: the "
+                                                      "effective batch is batch-size x grad-accum x processes")
+    optim.add_argument("--lr", type=float, help="peak learning rate")
+    optim.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up from 0")
+    optim.add_argument("--betas", type=float, nargs=2, help="AdamW's beta1 beta2")
+    optim.add_argument("--weight-decay", type=float)
+    optim.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (0: no clipping)")
+    optim.add_argument("--ema-decay", type=float,
+                       help="weight averaging of the saved model (0: none, the trained weights themselves)")
+    optim.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory")
+
+
+def parse_stage_args(parser, defaults, argv=None):
+    """Parse a stage's flags: --preset first, then that preset's row of `defaults` fills every flag
+    the command line left out. --help lists every preset's row."""
+    parser.epilog = "defaults per --preset (DEFAULTS in the stage's file says where each comes from):\n" + "\n".join(
+        f"  {preset}: " + ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in row.items())
+        for preset, row in defaults.items())
+    parser.set_defaults(**defaults["tiny"])
+    preset = parser.parse_known_args(argv)[0].preset
+    parser.set_defaults(**defaults[preset])
+    args = parser.parse_args(argv)
+    args.out = args.out or f"runs/{args.preset}"
+    if args.data is None and not args.flops:
+        fail(f"the {args.preset} preset trains on your videos: pass --data (a CSV of path,caption, or a folder of "
+             "class folders)")
+    positive = {name: getattr(args, name) for name in ("steps", "batch_size", "grad_accum", "every", "stride")}
+    if any(value < 1 for value in positive.values()):
+        parser.error(f"these want positive numbers: {positive}")
+    if args.minutes < 0 or not 0 < args.val_fraction < 1:
+        parser.error("--minutes wants >= 0 (0: no limit) and --val-fraction a share in (0, 1): every run validates "
+                     "(--val-data gives it a listing of its own)")
+    return args
 
 
 def setup_distributed():
@@ -521,54 +755,66 @@ def to_device(batch, device):
 def train(stage, model, loss_fn, dataset, args, config, evaluate=None):
     """Train `model` to minimise `loss_fn(model, batch)` over `dataset`; returns the EMA model.
 
-    One loop for every stage: torchrun DDP, bf16 autocast on GPU, EMA, checkpoints
-    (atomic, resumable), metrics as JSON lines in `<out>/metrics.jsonl`.
+    One loop for every stage: torchrun DDP, gradient accumulation, bf16 autocast on GPU, linear
+    warm-up, EMA, checkpoints (atomic, resumable), metrics as JSON lines in `<out>/metrics.jsonl`.
     `evaluate(ema_model) -> dict` runs on rank 0 every `--every` steps and at the end.
     """
-    if args.minutes is not None and args.minutes < 0:
-        raise ValueError(f"--minutes must be >= 0 (0: no limit), got {args.minutes}")
     rank, world, device = setup_distributed()
     run_dir = Path(args.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not args.resume and (run_dir / f"{stage}.json").exists():
+        raise FileExistsError(f"{run_dir} already holds a {stage} run: pass --resume to continue it, "
+                              "or --out to start a new one")
     torch.manual_seed(args.seed + rank)  # noise and timesteps differ per rank; weights are synced by DDP
     model.to(device)
     if args.grad_checkpointing:
         model.enable_gradient_checkpointing()
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # DiT initialises the EMA as a copy
-    # beta2 0.99 (not 0.999): a shorter memory of gradient scale, which helps the short tiny runs.
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.99),
-                            weight_decay=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    per_step = args.batch_size * args.grad_accum  # videos one process uses per optimizer step
+    steps_per_epoch = len(sampler) // per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"dataset of {len(dataset)} videos is smaller than one step's "
+                         f"{args.batch_size} x {args.grad_accum} x {world} videos")
     step = 0
     if args.resume:
         step = load_checkpoint(run_dir, stage, model, ema, opt, rank, world)
-    elif (run_dir / f"{stage}.json").exists():
-        raise FileExistsError(f"{run_dir} already holds a {stage} run: pass --resume to continue it, "
-                              "or --out to start a new one")
+    run_dir.mkdir(parents=True, exist_ok=True)
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    batches_per_epoch = len(sampler) // args.batch_size
-    if batches_per_epoch == 0:
-        raise ValueError(f"dataset of {len(dataset)} videos is smaller than one batch ({args.batch_size} x {world})")
+    workers = args.num_workers if args.num_workers >= 0 else (8 if device.type == "cuda" else 0)
     metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
-    bar = tqdm(total=args.steps, initial=step, desc=stage, disable=rank != 0)
+    batch = per_step * world
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0,
+               desc=f"{stage}, batch {batch} = {args.batch_size} x {args.grad_accum} accumulated x {world} processes")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    deadline = STARTED + 60 * args.minutes if args.minutes else None
+    deadline = time.monotonic() + 60 * args.minutes if args.minutes else None
     last_step = args.steps
+    logged_step, logged_at = step, time.perf_counter()
     while step < last_step:
-        # Resume mid-epoch without loading the skipped videos: skip in the index list instead.
-        sampler.set_epoch(step // batches_per_epoch)
-        indices = list(sampler)[(step % batches_per_epoch) * args.batch_size:]
+        # Resume mid-epoch without loading the skipped videos: skip in the index list instead, and
+        # end the epoch on a whole step, so that no step mixes two epochs' micro-batches.
+        sampler.set_epoch(step // steps_per_epoch)
+        indices = list(sampler)[(step % steps_per_epoch) * per_step: steps_per_epoch * per_step]
         # Its own generator, so making a loader does not draw from the global RNG (bit-exact resume).
-        seeded = torch.Generator().manual_seed(args.seed + rank + 1000 * (step // batches_per_epoch))
+        seeded = torch.Generator().manual_seed(args.seed + rank + 1000 * (step // steps_per_epoch))
         loader = DataLoader(dataset, batch_size=args.batch_size, sampler=indices, drop_last=True, generator=seeded,
-                            num_workers=args.num_workers, pin_memory=device.type == "cuda")
-        for batch in loader:
-            with autocast:
-                loss = loss_fn(ddp_model, to_device(batch, device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                            num_workers=workers, pin_memory=device.type == "cuda")
+        step_loss = 0
+        for micro, micro_batch in enumerate(loader, start=1):
+            syncs = micro % args.grad_accum == 0  # DDP averages gradients across ranks in this backward only
+            with ddp_model.no_sync() if world > 1 and not syncs else contextlib.nullcontext():
+                with autocast:
+                    loss = loss_fn(ddp_model, to_device(micro_batch, device)) / args.grad_accum
+                loss.backward()
+            step_loss += loss.detach()
+            if not syncs:
+                continue
+            for group in opt.param_groups:  # linear warm-up to --lr
+                group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
             opt.step()
+            opt.zero_grad(set_to_none=True)
             # Warm the EMA up: early in a short run a 0.9999 average would still be the random init.
             update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
             step += 1
@@ -576,19 +822,25 @@ def train(stage, model, loss_fn, dataset, args, config, evaluate=None):
             if deadline is not None and out_of_time(deadline, device, world):
                 last_step = step
             if step % 10 == 0 or step in (1, last_step):
-                loss = loss.detach()
                 if world > 1:
-                    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-                if rank == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-                    log_metrics(metrics, stage=stage, step=step, loss=loss.item(), grad_norm=grad_norm.item())
+                    dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+                if rank == 0:  # .item() waits for the GPU: the step time is the time of the steps since the last line
+                    bar.set_postfix(loss=f"{step_loss.item():.4f}")
+                    log_metrics(metrics, stage=stage, step=step, batch=batch, loss=step_loss.item(),
+                                grad_norm=grad_norm.item(), lr=opt.param_groups[0]["lr"],
+                                step_seconds=(time.perf_counter() - logged_at) / (step - logged_step))
+                logged_step, logged_at = step, time.perf_counter()
+            step_loss = 0
             if step % args.every == 0 or step == last_step:
                 if evaluate is not None and rank == 0:
                     log_metrics(metrics, stage=stage, step=step, **evaluate(ema))
                 save_checkpoint(run_dir, stage, model, ema, opt, step, config, world)
+                logged_at = time.perf_counter()  # the step time leaves evaluation and checkpoints out
             if step == last_step:
                 break
     bar.close()
+    if getattr(dataset, "skipped", 0) and rank == 0:  # file datasets count what they could not read
+        print(f"{stage}: skipped {dataset.skipped} unreadable or too short videos of {len(dataset)} (warnings above)")
     if last_step < args.steps and rank == 0:
         print(f"{stage}: --minutes {args.minutes:g} reached at step {step} of {args.steps}; "
               f"`--resume` continues from there")
@@ -618,7 +870,104 @@ def log_metrics(file, **values):
 
 
 def count_flops(fn):
-    """FLOPs of `fn()` as PyTorch's FlopCounterMode counts them (works on the `meta` device)."""
+    """(all FLOPs, attention FLOPs) of `fn()`, as PyTorch's FlopCounterMode counts them: 2 per
+    multiply-add of matmuls and convolutions; elementwise ops and norms count 0. It works on the
+    `meta` device, so full-size models cost no memory. There scaled_dot_product_attention runs in
+    its math form, two batched matmuls (QK^T, then PV), and no layer of our models uses bmm
+    otherwise: the bmm share is the attention's."""
     with FlopCounterMode(display=False) as counter:
         fn()
-    return counter.get_total_flops()
+    return counter.get_total_flops(), counter.get_flop_counts()["Global"].get(torch.ops.aten.bmm, 0)
+
+
+@torch.no_grad()
+def validation_loss(loss_fn, model, batch, seed=0):
+    """loss_fn on a fixed held-out batch with fixed noise and timesteps (seeded, global RNG untouched):
+    the same draw at every evaluation, so the number moves only when the model does."""
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        torch.manual_seed(seed)
+        return loss_fn(model, batch).item()
+
+
+def first_items(dataset, n):
+    """The first n items of a dataset as one batch: a fixed validation batch."""
+    return list(next(iter(DataLoader(dataset, batch_size=min(n, len(dataset))))))
+
+
+# ------------------------------------------------------------------ latents, for stages 2 and 3
+# The content and motion stages train on what the frozen AE makes of each video: its content
+# frame and motion latent. They encode every batch on the fly, or read a cache encoded once.
+
+def add_latent_args(parser):
+    """Flags of the stages that train on the AE's latents (content.py, motion.py)."""
+    parser.add_argument("--ae", default=None, help="run directory of a trained AE (default: --out)")
+    parser.add_argument("--cache", action=argparse.BooleanOptionalAction,
+                        help="encode the dataset with the AE once, keep it as <out>/latents.safetensors (a "
+                             "fixed clip per video: for small datasets; WebVid-scale data is encoded on the fly)")
+
+
+def encode_videos(ae, frame_space, batch):
+    """A training batch for stages 2 and 3 -> (content_frame, motion_latent, captions).
+
+    The batch is either (videos, captions) from a video dataset, encoded here by the frozen
+    AE, or (content_frames, motion_latents, captions) from a cache written by cache_latents."""
+    if len(batch) == 3:
+        return batch
+    videos, captions = batch
+    with torch.no_grad():
+        content_frame, motion_latent = ae.encode(frame_space.encode(videos))
+    return content_frame, motion_latent, captions
+
+
+@torch.no_grad()
+def latent_data(args, ae, frame_space, device, val_videos=32):
+    """Stage 2 and 3's data: the training videos of --data (or, with --cache, their content frames
+    and motion latents) and a fixed held-out batch, encoded once: (content frames, motion latents,
+    captions). Unreadable listings fail here, before training starts."""
+    video = dict(frames=ae.config.frames, size=ae.config.video_size, stride=args.stride, seed=args.seed,
+                 val_fraction=args.val_fraction, val_data=args.val_data)
+    dataset = make_dataset(args.data, **video)
+    report_loading_speed(dataset)  # reads clips: a listing of unreadable files fails now
+    videos, captions = first_items(make_dataset(args.data, split="val", **video), val_videos)
+    encoded = [ae.encode(frame_space.encode(chunk.to(device))) for chunk in videos.split(args.batch_size)]
+    val_batch = [torch.cat([c for c, _ in encoded]), torch.cat([m for _, m in encoded]), list(captions)]
+    if not args.cache:
+        return dataset, val_batch
+    # What the cache was made from: the AE's exact weights and the videos. Another AE or other
+    # videos make it stale, and it is encoded again.
+    ae_weights = Path(args.ae or args.out) / "ae.safetensors"
+    source = {"ae_sha256": hashlib.sha256(ae_weights.read_bytes()).hexdigest(), "data": str(args.data),
+              "videos": len(dataset), "seed": args.seed}
+    return cache_latents(ae, frame_space, dataset, Path(args.out) / "latents.safetensors", device, source), val_batch
+
+
+@torch.no_grad()
+def cache_latents(ae, frame_space, dataset, path, device, source, batch_size=64):
+    """Encode every video of `dataset` once and keep the result on disk: stages 2 and 3 then
+    train without running the AE (or the SD VAE) again. `source` (a JSON-able dict) says what
+    the cache is made from; a cache made from anything else is encoded again. Under torchrun
+    rank 0 encodes and the others wait. Returns a dataset of (content_frame, motion_latent, caption)."""
+    path, source = Path(path), json.dumps(source, sort_keys=True)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    up_to_date = False
+    if path.is_file():
+        with safe_open(path, "pt") as f:
+            up_to_date = f.metadata().get("source") == source
+        if not up_to_date and rank == 0:
+            print(f"{path} was encoded by another AE or from other videos: encoding it again")
+    if rank == 0 and not up_to_date:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        content, motion, captions = [], [], []
+        for videos, texts in tqdm(DataLoader(dataset, batch_size=batch_size), desc=f"caching {path.name}"):
+            content_frames, motion_latents = ae.encode(frame_space.encode(videos.to(device)))
+            content.append(content_frames.cpu())
+            motion.append(motion_latents.cpu())
+            captions.extend(texts)
+        tensors = {"content_frames": torch.cat(content), "motion_latents": torch.cat(motion)}
+        save_safetensors_atomic(path, tensors, {"captions": json.dumps(captions), "source": source})
+    if dist.is_initialized():
+        dist.barrier()
+    with safe_open(path, "pt") as f:
+        captions = json.loads(f.metadata()["captions"])
+        content, motion = f.get_tensor("content_frames"), f.get_tensor("motion_latents")
+    return [(c, m, caption) for c, m, caption in zip(content, motion, captions)]

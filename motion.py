@@ -10,9 +10,11 @@ timestep, through adaptive layer normalisation.
 The model only maps (noisy z, timestep, content frame, text) -> a tensor shaped like z
 (epsilon or v); the diffusion maths (noise schedule, DDIM) live in content.py.
 
-    python motion.py                                          # tiny preset, CPU, minutes
-    python motion.py --ae runs/ae-paper --preset paper ...    # one GPU
-    torchrun --nproc_per_node 8 motion.py --ae runs/ae-paper --preset paper ...
+    python motion.py                                          # tiny preset, shapes, CPU
+    python motion.py --preset paper --text-weights open_clip_vit_h14.bin --data webvid.csv \\
+        --grad-accum 256 --grad-checkpointing                 # one A100-80GB
+    torchrun --nproc_per_node 8 motion.py --preset paper --text-weights ... --data webvid.csv
+    python motion.py --preset paper --flops [--resolution 256x512]   # parameters and FLOPs on `meta`
 """
 import argparse
 from dataclasses import asdict, dataclass, replace
@@ -23,13 +25,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
-from torch.utils.flop_counter import FlopCounterMode
 
-from ae import add_latent_args, encode_videos, latent_dataset, load_ae, sincos, sincos_grid
+from ae import PRESETS as AE_PRESETS
+from ae import config_at, load_ae, sincos, sincos_grid
 from content import PRESETS as CONTENT_PRESETS
 from content import Diffusion, drop_prompts, text_encoder_for_run
-from data import (add_training_args, load_stage, make_dataset, setup_distributed, train, video_to_uint8,
-                  write_video)
+from data import (add_latent_args, add_training_args, count_flops, encode_videos, fail, latent_data, load_stage,
+                  local_or_name, parse_resolution, parse_stage_args, setup_distributed, train, validation_loss,
+                  video_to_uint8, write_video)
 
 
 @dataclass
@@ -55,16 +58,24 @@ class MotionConfig:
     depth: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
+    # the noise schedule: content.Diffusion's (SD's scaled-linear betas) with this target. The paper's
+    # DiT predicts eps on DiT's linear betas; one schedule for both stages keeps one to read, and v
+    # stays a well-scaled target at both ends of it
+    prediction_type: str = "v_prediction"
     # training only: Min-SNR-gamma loss weights (content.Diffusion.loss); None for the paper's plain loss
     snr_gamma: float | None = 5.0
 
     def __post_init__(self):
         # A token must not straddle the height/width boundary of z, nor the frame edge.
-        assert self.frames % self.patch_frames == 0, "patch_frames must divide frames"
-        assert self.latent_h % self.patch_tokens == 0 and self.latent_w % self.patch_tokens == 0, \
-            "patch_tokens must divide both latent_h and latent_w"
-        assert self.frame_height % self.content_patch == 0, "content_patch must divide H"
-        assert self.frame_width % self.content_patch == 0, "content_patch must divide W"
+        wrong = [f"{what} ({self.frames}, {self.latent_h}, {self.latent_w}, {self.frame_height}x{self.frame_width})"
+                 for what, ok in (("patch_frames must divide frames", self.frames % self.patch_frames == 0),
+                                  ("patch_tokens must divide the motion latent's H' and W'",
+                                   self.latent_h % self.patch_tokens == 0 and self.latent_w % self.patch_tokens == 0),
+                                  ("content_patch must divide the content frame's height and width",
+                                   self.frame_height % self.content_patch == 0
+                                   and self.frame_width % self.content_patch == 0)) if not ok]
+        if wrong:
+            raise ValueError(f"motion DiT: {'; '.join(wrong)}: pick a --resolution that they divide")
         assert self.hidden % self.heads == 0 and (self.hidden // self.heads) % 2 == 0
 
     def to_dict(self):
@@ -170,39 +181,39 @@ class MotionDiT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.config = cfg = config
+        self.config = config
         self.gradient_checkpointing = False
         # Motion tokens: z is read as a D-channel "image" on the (L, N) grid and cut into
         # patch_frames x patch_tokens patches, as the paper does ("/2"). At paper size the
         # grid is 16 x 96: 384 tokens instead of 1536, and no token spans both spatial axes.
-        patch_in = cfg.patch_frames * cfg.patch_tokens * cfg.latent_dim
-        self.motion_embed = nn.Linear(patch_in, cfg.hidden)
-        n = cfg.latent_h + cfg.latent_w
-        self.grid = (cfg.frames // cfg.patch_frames, n // cfg.patch_tokens)
+        patch_in = config.patch_frames * config.patch_tokens * config.latent_dim
+        self.motion_embed = nn.Linear(patch_in, config.hidden)
+        n = config.latent_h + config.latent_w
+        self.grid = (config.frames // config.patch_frames, n // config.patch_tokens)
         # Fixed (not learned) 2D sin-cos positions, as DiT: rows are frames, columns run
         # through the H' height tokens and then the W' width tokens. Recomputed from the
         # config, so they are not saved in checkpoints.
-        self.register_buffer("motion_pos", sincos_grid(*self.grid, cfg.hidden), persistent=False)
+        self.register_buffer("motion_pos", sincos_grid(*self.grid, config.hidden), persistent=False)
         # Content frame: fed "as input-level patch embeddings like z_t to provide dense
         # conditions" (paper Sec. 3.2), i.e. joined to the motion tokens in one
         # self-attention sequence and dropped at the output (as in the authors' code). A
         # larger patch than z's keeps the sequence short (paper: 8 for 64x128 latents).
-        p = cfg.content_patch
-        self.content_embed = nn.Conv2d(cfg.frame_channels, cfg.hidden, kernel_size=p, stride=p)
-        content_grid = (cfg.frame_height // p, cfg.frame_width // p)
-        self.register_buffer("content_pos", sincos_grid(*content_grid, cfg.hidden), persistent=False)
+        p = config.content_patch
+        self.content_embed = nn.Conv2d(config.frame_channels, config.hidden, kernel_size=p, stride=p)
+        content_grid = (config.frame_height // p, config.frame_width // p)
+        self.register_buffer("content_pos", sincos_grid(*content_grid, config.hidden), persistent=False)
         # Condition c = timestep embedding + a linear projection of the pooled text feature
         # (paper App. B.3), fed to every adaLN. Classifier-free guidance needs no learned null
         # embedding: training replaces some captions by "", whose features are the
         # unconditional input; the content frame is kept in both branches (paper App. E).
-        self.t_embed = TimestepEmbedder(cfg.hidden)
-        self.text_embed = nn.Linear(cfg.pooled_dim, cfg.hidden)
-        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.t_embed = TimestepEmbedder(config.hidden)
+        self.text_embed = nn.Linear(config.pooled_dim, config.hidden)
+        self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
         # Final layer: adaLN-modulated LayerNorm + linear back to patches. D outputs (epsilon
         # or v), not the paper's 2D with a learned variance: our DDIM does not use one.
-        self.norm_out = nn.LayerNorm(cfg.hidden, elementwise_affine=False, eps=1e-6)
-        self.adaLN_out = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, 2 * cfg.hidden))
-        self.out = nn.Linear(cfg.hidden, patch_in)
+        self.norm_out = nn.LayerNorm(config.hidden, elementwise_affine=False, eps=1e-6)
+        self.adaLN_out = nn.Sequential(nn.SiLU(), nn.Linear(config.hidden, 2 * config.hidden))
+        self.out = nn.Linear(config.hidden, patch_in)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -231,11 +242,11 @@ class MotionDiT(nn.Module):
         self.gradient_checkpointing = True
 
     def forward(self, z, t, content_frame, text_tokens, text_pooled):
-        cfg = self.config
-        expected = (cfg.frames, cfg.latent_h + cfg.latent_w, cfg.latent_dim)
+        config = self.config
+        expected = (config.frames, config.latent_h + config.latent_w, config.latent_dim)
         if tuple(z.shape[1:]) != expected:
             raise ValueError(f"motion latent of shape {tuple(z.shape)}, expected (B, *{expected})")
-        pf, pt = cfg.patch_frames, cfg.patch_tokens
+        pf, pt = config.patch_frames, config.patch_tokens
         x = rearrange(z, "b (l p) (n q) d -> b (l n) (p q d)", p=pf, q=pt)
         x = self.motion_embed(x) + self.motion_pos                  # (B, T_motion, hidden)
         content = self.content_embed(content_frame)                # (B, hidden, H/p, W/p)
@@ -256,12 +267,11 @@ class MotionDiT(nn.Module):
 
 def example_inputs(config, batch=1, text_len=77, device=None):
     """Random inputs of the right shapes: (z, t, content_frame, text_tokens, text_pooled)."""
-    c = config
-    return (torch.randn(batch, c.frames, c.latent_h + c.latent_w, c.latent_dim, device=device),
+    return (torch.randn(batch, config.frames, config.latent_h + config.latent_w, config.latent_dim, device=device),
             torch.randint(0, 1000, (batch,), device=device).float(),
-            torch.randn(batch, c.frame_channels, c.frame_height, c.frame_width, device=device),
-            torch.randn(batch, text_len, c.text_dim, device=device),
-            torch.randn(batch, c.pooled_dim, device=device))
+            torch.randn(batch, config.frame_channels, config.frame_height, config.frame_width, device=device),
+            torch.randn(batch, text_len, config.text_dim, device=device),
+            torch.randn(batch, config.pooled_dim, device=device))
 
 
 def params_and_flops(config, batch=1):
@@ -270,27 +280,26 @@ def params_and_flops(config, batch=1):
     with torch.device("meta"):
         model = MotionDiT(config)
         inputs = example_inputs(config, batch)
-    with FlopCounterMode(display=False) as counter:
-        model(*inputs)
-    return sum(p.numel() for p in model.parameters()), counter.get_total_flops()
+    return sum(p.numel() for p in model.parameters()), count_flops(lambda: model(*inputs))[0]
 
 
 # ---------------------------------------------------------------------------------------
 # Training and sampling, on the frozen AE's (content frame, motion latent) pairs.
 # The diffusion maths are content.py's: one noise schedule and one DDIM for both models.
-# (The paper's DiT uses DiT's linear-beta eps schedule; we keep SD's scaled-linear one with
-# v-prediction, the same as the tiny content model, so there is one schedule to read.)
 # ---------------------------------------------------------------------------------------
 
-def shapes_from(ae_config, text_encoder):
-    """The MotionConfig fields fixed by the AE (latent and frame shapes) and the text encoder."""
-    a = ae_config
-    return dict(frames=a.frames, latent_h=a.height // a.patch, latent_w=a.width // a.patch, latent_dim=a.motion_dim,
-                frame_channels=a.channels, frame_height=a.height, frame_width=a.width,
-                text_dim=text_encoder.width, pooled_dim=text_encoder.embed_dim)
+def shapes_from(ae_config, text_encoder=None):
+    """The MotionConfig fields fixed by the AE (latent and frame shapes) and the text encoder
+    (without one, the preset's text widths stay)."""
+    shapes = dict(frames=ae_config.frames, latent_h=ae_config.height // ae_config.patch,
+                  latent_w=ae_config.width // ae_config.patch, latent_dim=ae_config.motion_dim,
+                  frame_channels=ae_config.channels, frame_height=ae_config.height, frame_width=ae_config.width)
+    if text_encoder is not None:
+        shapes.update(text_dim=text_encoder.width, pooled_dim=text_encoder.embed_dim)
+    return shapes
 
 
-def config_for(preset, size, ae_config, text_encoder):
+def config_for(preset, size, ae_config, text_encoder=None):
     """The preset with every shape taken from the AE and text encoder it must fit."""
     return replace(PRESETS[preset], **(DIT_SIZES[size] if size else {}), **shapes_from(ae_config, text_encoder))
 
@@ -305,77 +314,108 @@ def sample_motion(model, diffusion, te, content_frame, prompts, steps, cfg_scale
                   desc="DDIM"):
     """Motion latents (B, L, H'+W', D) for content frames (B, C, H, W) and prompts.
     As in the paper's Algorithm 1, guidance drops only the text: both branches see x̄."""
-    c = model.config
+    config = model.config
     tokens, pooled = te(prompts)
     uncond_tokens, uncond_pooled = te([""] * len(prompts))
-    shape = (len(prompts), c.frames, c.latent_h + c.latent_w, c.latent_dim)
+    shape = (len(prompts), config.frames, config.latent_h + config.latent_w, config.latent_dim)
     return diffusion.ddim_sample(dit_model_fn(model), shape, (content_frame, tokens, pooled),
                                  (content_frame, uncond_tokens, uncond_pooled), steps=steps,
                                  cfg_scale=cfg_scale, generator=generator, progress=progress, desc=desc)
 
 
-def load_motion(run_dir, device="cpu"):
-    """A trained motion stage from a run directory -> (EMA DiT, Diffusion, sampling settings)."""
+def load_motion(run_dir, device="cpu", ae_config=None):
+    """A trained motion stage from a run directory -> (EMA DiT, Diffusion, sampling settings). With
+    `ae_config`, the DiT takes that AE's shapes: its positions are sin-cos, the same weights fit."""
     info, state = load_stage(run_dir, "motion")
-    model = MotionDiT(MotionConfig.from_dict(info["config"]["model"]))
+    config = MotionConfig.from_dict(info["config"]["model"])
+    model = MotionDiT(replace(config, **shapes_from(ae_config)) if ae_config else config)
     model.load_state_dict(state)
     return model.to(device).eval().requires_grad_(False), Diffusion(**info["config"]["schedule"]), info["config"]
 
 
-def main():
+# Training defaults per preset; the flags of data.add_training_args override them.
+DEFAULTS = {
+    # Chosen on a 2-core CPU for the shapes world (README), with the latent cache.
+    "tiny": dict(resolution=(32, 32), data="shapes", cache=True, steps=1500, batch_size=32, grad_accum=1, lr=1e-3,
+                 warmup=0, betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, every=500),
+    # The authors' release (NVlabs/CMD): AdamW lr 1e-4, no weight decay, EMA 0.9999, gradient clip 1,
+    # global batch 256 (1 x 32 accumulated x 8 GPUs; one GPU: --grad-accum 256); betas are torch's
+    # default (0.9, 0.999), no warm-up, as DiT. The step count is not given; 100k steps of 256 is ours.
+    # Clips are encoded on the fly (--no-cache): a WebVid-scale dataset cannot be encoded up front.
+    "paper": dict(resolution=(512, 1024), data=None, cache=False, steps=100_000, batch_size=1, grad_accum=32,
+                  lr=1e-4, warmup=0, betas=(0.9, 0.999), weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999,
+                  every=2000),
+}
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=PRESETS)
     parser.add_argument("--size", default=None, choices=DIT_SIZES, help="override the preset's DiT width/depth")
-    parser.add_argument("--text-weights", default=None, help="local open_clip checkpoint of the text encoder")
-    add_latent_args(parser)
+    parser.add_argument("--text", type=local_or_name, help="open_clip model name or model-config .json of the text "
+                                                     "encoder (default: the preset's)")
+    parser.add_argument("--text-weights", type=local_or_name, help="local open_clip checkpoint of the text encoder")
+    parser.add_argument("--resolution", type=parse_resolution, help="with --flops: HEIGHTxWIDTH of the videos "
+                                                                    "(training takes the AE's)")
     parser.add_argument("--cfg-scale", type=float, default=3.0, help="guidance of the samples written at the end")
-    add_training_args(parser, steps=1500, batch_size=32, lr=1e-3, every=500)
-    args = parser.parse_args()
-    if args.flops and args.ae is None:  # the paper's sizes need no AE run: count on `meta`
+    add_latent_args(parser)
+    add_training_args(parser)
+    args = parse_stage_args(parser, DEFAULTS, argv)
+    preset = CONTENT_PRESETS[args.preset]
+    text_config = replace(preset, text=args.text or preset.text)
+    if args.flops:  # on `meta`, at --resolution, the text widths of the preset's encoder: no run needed
+        try:
+            frames = config_at(AE_PRESETS[args.preset], args.resolution)
+            model_config = config_for(args.preset, args.size, frames)
+        except ValueError as e:
+            fail(e)
         for batch in (1, 2):
-            params, flops = params_and_flops(PRESETS[args.preset], batch)
-            print(f"motion DiT ({args.preset}): {params / 1e6:.1f} M parameters, "
-                  f"{flops / 1e12:.3f} TFLOPs per forward at batch {batch}")
+            params, flops = params_and_flops(model_config, batch)
+            print(f"motion DiT ({args.preset}, {frames.video_size[0]}x{frames.video_size[1]} videos): "
+                  f"{params / 1e6:.1f} M parameters, {flops / 1e12:.3f} TFLOPs per forward at batch {batch}")
         return
-    args.out = args.out or f"runs/{args.preset}"
-    rank, _, device = setup_distributed()
-    torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
-    ae, frame_space = load_ae(args.ae or args.out, device)
-    te = text_encoder_for_run(args.out, CONTENT_PRESETS[args.preset], args.text_weights).to(device)
-    model = MotionDiT(config_for(args.preset, args.size, ae.config, te))
-    diffusion_schedule = {"prediction_type": "v_prediction"}
-    diffusion = Diffusion(**diffusion_schedule)
-    dataset = latent_dataset(args, ae, frame_space, device)
-
+    # Everything that can be wrong with the input fails here, before training starts.
+    try:
+        rank, _, device = setup_distributed()
+        ae, frame_space = load_ae(args.ae or args.out, device)
+        dataset, val_batch = latent_data(args, ae, frame_space, device)
+        text_encoder = text_encoder_for_run(args.out, text_config, args.text_weights).to(device)
+        torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
+        model = MotionDiT(config_for(args.preset, args.size, ae.config, text_encoder))
+    except (OSError, ValueError, RuntimeError) as e:
+        fail(e)
+    schedule = {"prediction_type": model.config.prediction_type}
+    diffusion = Diffusion(**schedule)
     snr_gamma = model.config.snr_gamma  # loss_fn gets the model, or its DDP wrapper
 
     def loss_fn(model, batch):
         content_frame, motion_latent, captions = encode_videos(ae, frame_space, batch)
-        tokens, pooled = te(drop_prompts(captions, 0.1))  # CFG: 10% of prompts become ""
+        tokens, pooled = text_encoder(drop_prompts(captions, 0.1))  # CFG: 10% of prompts become ""
         return diffusion.loss(dit_model_fn(model), motion_latent, (content_frame, tokens, pooled), snr_gamma)
 
-    run_config = {"model": model.config.to_dict(), "schedule": diffusion_schedule, "cfg_scale": args.cfg_scale}
-    ema = train("motion", model, loss_fn, dataset, args, run_config)
+    def evaluate(ema):
+        return {"val_loss": validation_loss(loss_fn, ema, val_batch)}
+
+    run_config = {"model": model.config.to_dict(), "schedule": schedule, "cfg_scale": args.cfg_scale,
+                  "text_weights": args.text_weights}
+    ema = train("motion", model, loss_fn, dataset, args, run_config, evaluate)
     if rank == 0:  # under torchrun, one process writes the preview
-        write_motion_preview(ema, diffusion, ae, frame_space, te, Path(args.out) / "motion-samples.mp4", device, args)
+        write_motion_preview(ema, diffusion, ae, frame_space, text_encoder, val_batch,
+                             Path(args.out) / "motion-samples.mp4", args.cfg_scale)
 
 
 @torch.no_grad()
-def write_motion_preview(model, diffusion, ae, frame_space, te, path, device, args, n=4):
-    """Held-out videos (real | generated): the generated motion starts from the real video's
-    content frame and caption, so any difference is the motion model's."""
-    a = ae.config
-    held_out = make_dataset("shapes", frames=a.frames, size=a.height, seed=1, split="heldout") \
-        if args.data == "shapes" else make_dataset(args.data, frames=a.frames, size=a.video_size)
-    videos = torch.stack([held_out[i][0] for i in range(n)]).to(device)
-    captions = [held_out[i][1] for i in range(n)]
-    content_frame, _ = ae.encode(frame_space.encode(videos))
-    motion = sample_motion(model, diffusion, te, content_frame, captions, steps=50, cfg_scale=args.cfg_scale,
-                           generator=torch.Generator(device).manual_seed(0))
-    generated = frame_space.decode(ae.decode(content_frame, motion))
-    grid = rearrange(torch.cat([videos, generated], dim=-1), "b l c h w -> l c (b h) w")
+def write_motion_preview(model, diffusion, ae, frame_space, text_encoder, val_batch, path, cfg_scale, n=4):
+    """Held-out videos as the AE rebuilds them | with generated motion: the generated motion starts
+    from the real video's content frame and caption, so any difference is the motion model's."""
+    content_frame, motion_latent, captions = (x[:n] for x in val_batch)
+    generator = torch.Generator(content_frame.device).manual_seed(0)
+    motion = sample_motion(model, diffusion, text_encoder, content_frame, captions, steps=50, cfg_scale=cfg_scale,
+                           generator=generator)
+    real, generated = (frame_space.decode(ae.decode(content_frame, m)) for m in (motion_latent, motion))
+    grid = rearrange(torch.cat([real, generated], dim=-1), "b l c h w -> l c (b h) w")
     write_video(path, video_to_uint8(grid.cpu()), fps=8)
-    print(f"wrote {path} (real | generated motion), captions:", *captions, sep="\n  ")
+    print(f"wrote {path} (AE reconstruction | generated motion), captions:", *captions, sep="\n  ")
 
 
 if __name__ == "__main__":

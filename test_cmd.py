@@ -20,6 +20,7 @@ import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import av
 import numpy as np
 import open_clip
 import pytest
@@ -40,8 +41,10 @@ from content import (SD21_UNET_CONFIG, TINY_TEXT_CONFIG, ContentConfig, Diffusio
                      build_unet, cfg_output, drop_prompts, load_open_clip_text_weights, load_sd_unet,
                      load_text_encoder, save_text_encoder, tiny_unet, unet_model_fn)
 from motion import Attention, MotionConfig, MotionDiT, example_inputs, params_and_flops
-from sample import (PAPER_SETUP, SYSTEMS, bench, build, count_flops_and_attention, random_text, sample_video,
-                    sampling_flops, training_flops)
+from tools import bench as bench_tool
+from tools import evaluate, paper_check, shapes
+from tools.bench import (PAPER_SETUP, SYSTEMS, bench, build, random_text_encoder, sample_video, sampling_flops,
+                         training_flops)
 
 
 # ==================================================================================================
@@ -158,8 +161,12 @@ def test_unreadable_video_raises_video_error_naming_it(tmp_path):
     bad = tmp_path / "corrupt.mp4"
     bad.write_bytes(b"this is not a video" * 50)
     for path in (bad, tmp_path / "missing.mp4"):
-        with pytest.raises(data.VideoError, match=path.name):
-            data.read_video(path)
+        for read in (data.read_video, lambda path: data.read_clip(path, frames=4)):
+            with pytest.raises(data.VideoError, match=path.name):
+                read(path)
+    write_clip(tmp_path / "short.mp4", frames=3)
+    with pytest.raises(data.VideoError, match="short.mp4 has 3 frames, fewer than the 4"):
+        data.read_clip(tmp_path / "short.mp4", frames=2, stride=3)
     with pytest.raises(ValueError, match="uint8"):
         data.write_video(tmp_path / "x.mp4", np.zeros((2, 8, 8, 3), np.float32))
 
@@ -174,7 +181,7 @@ def test_folder_dataset_skips_and_counts_bad_videos(tmp_path):
     write_clip(tmp_path / "jump_rope" / "short.mp4", frames=3)
     (tmp_path / "jump_rope" / "corrupt.mp4").write_bytes(b"\x00garbage" * 100)
     (tmp_path / "jump_rope" / "notes.txt").write_text("not a video")
-    dataset = data.VideoFolderDataset(tmp_path, frames=6, size=16)
+    dataset = data.VideoFolderDataset(tmp_path, frames=6, size=(16, 16))
     assert len(dataset) == 4
     with pytest.warns(UserWarning) as caught:
         items = [dataset[i] for i in range(len(dataset))]
@@ -203,15 +210,15 @@ def test_csv_dataset_both_column_styles(tmp_path):
     (tmp_path / "clips").mkdir()
     write_clip(tmp_path / "clips" / "1001.mp4")
     (tmp_path / "ours.csv").write_text('path,caption\nclips/1001.mp4,"a dog, running"\nclips/missing.mp4,gone\n')
-    dataset = data.VideoCSVDataset(tmp_path / "ours.csv", frames=4, size=8)
+    dataset = data.VideoCSVDataset(tmp_path / "ours.csv", frames=4, size=(8, 8))
     with pytest.warns(UserWarning, match="missing.mp4"):
         captions = [dataset[i][1] for i in range(2)]
     assert captions == ["a dog, running"] * 2 and dataset.skipped == 1
 
     (tmp_path / "webvid.csv").write_text("videoid,contentUrl,name\n1001,http://x,a cat on a sofa\n")
-    dataset = data.VideoCSVDataset(tmp_path / "webvid.csv", frames=4, size=8, video_folder=tmp_path / "clips")
+    dataset = data.VideoCSVDataset(tmp_path / "webvid.csv", frames=4, size=(8, 12), video_folder=tmp_path / "clips")
     video, caption = dataset[0]
-    assert video.shape == (4, 3, 8, 8) and caption == "a cat on a sofa"
+    assert video.shape == (4, 3, 8, 12) and caption == "a cat on a sofa"
 
     (tmp_path / "empty.csv").write_text("path,caption\n")
     with pytest.raises(ValueError, match="empty.csv"):
@@ -224,7 +231,7 @@ def test_csv_dataset_both_column_styles(tmp_path):
 def test_resize_crop_and_temporal_stride(tmp_path):
     (tmp_path / "Surfing").mkdir()
     write_clip(tmp_path / "Surfing" / "v.mp4", frames=12, height=24, width=48, green=40 + 15 * np.arange(12))
-    dataset = data.VideoFolderDataset(tmp_path, frames=4, size=16, stride=3)
+    dataset = data.VideoFolderDataset(tmp_path, frames=4, size=(16, 16), stride=3)
     torch.manual_seed(0)
     video, caption = dataset[0]
     torch.manual_seed(0)
@@ -237,8 +244,13 @@ def test_resize_crop_and_temporal_stride(tmp_path):
 
 
 def test_make_dataset_dispatch(tmp_path):
-    shapes = data.make_dataset("shapes", frames=8, size=16, seed=3, num_videos=5, max_shapes=2)
+    shapes = data.make_dataset("shapes", frames=8, size=(16, 16), seed=3, num_videos=5, max_shapes=2)
     assert isinstance(shapes, data.ShapesDataset) and len(shapes) == 5 and shapes[0][0].shape == (8, 3, 16, 16)
+    for size in (16, "16x16", (16,), (16, 0), (16.0, 16)):  # a size is (height, width), nothing else
+        with pytest.raises(ValueError, match=r"\(height, width\)"):
+            data.make_dataset("shapes", size=size)
+    with pytest.raises(ValueError, match="square.*32x32"):
+        data.make_dataset("shapes", size=(16, 32))
     (tmp_path / "Biking").mkdir()
     write_clip(tmp_path / "Biking" / "v.mp4")
     (tmp_path / "list.csv").write_text("path,caption\nBiking/v.mp4,a bike\n")
@@ -246,6 +258,135 @@ def test_make_dataset_dispatch(tmp_path):
     assert isinstance(data.make_dataset(tmp_path, frames=4, stride=2), data.VideoFolderDataset)
     with pytest.raises(ValueError, match="'shapes', a .csv file"):
         data.make_dataset("ucf101")
+
+
+@pytest.mark.parametrize("source", [(96, 160), (120, 90), (72, 200)])
+@pytest.mark.parametrize("target", [(32, 64), (64, 32)])
+def test_resize_cover_crops_without_stretching(source, target):
+    height, width = source
+    side = round(0.4 * min(source))
+    video = -torch.ones(2, 3, height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    video[..., top:top + side, left:left + side] = 1  # a centred square
+    out = data.resize_cover(video, target)
+    assert out.shape == (2, 3, *target)
+    rows, cols = (out[0, 0] > 0).nonzero(as_tuple=True)
+    box = (rows.max() - rows.min() + 1).item(), (cols.max() - cols.min() + 1).item()
+    scale = max(target[0] / height, target[1] / width)  # cover: the side that fits decides
+    assert abs(box[0] - box[1]) <= 1 and abs(box[0] - side * scale) <= 1.5  # still a square, not stretched
+
+
+def write_coded(path, codec, height, width, frames=30, b_frames=0):
+    """Frames that all differ, a keyframe every 6 frames (so a clip is read by seeking), written
+    through PyAV: write_video writes only mp4 and gif."""
+    import av
+    y, x = np.mgrid[:height, :width]
+    video = np.stack([np.stack([(4 * x + 9 * i) % 256, (3 * y + 5 * i) % 256, np.full_like(x, 8 * i)], -1)
+                      for i in range(frames)]).astype(np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=8)
+        stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
+        stream.codec_context.gop_size, stream.codec_context.max_b_frames = 6, b_frames
+        for frame in video:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+@pytest.mark.parametrize("name, codec, height, width, b_frames", [
+    ("h264.mp4", "libx264", 96, 160, 2), ("mpeg4.avi", "mpeg4", 120, 90, 2),
+    ("vp9.webm", "libvpx-vp9", 72, 200, 0), ("vp8.webm", "libvpx", 72, 200, 0)])
+def test_clip_reader_equals_full_decoding(tmp_path, name, codec, height, width, b_frames):
+    # B-frames: an AVI seek can land on a keyframe shown after the start; webm stores no frame count
+    write_coded(tmp_path / name, codec, height, width, b_frames=b_frames)
+    full = data.read_video(tmp_path / name)
+    assert len(full) == 30
+    for frames, stride in ((4, 1), (4, 3)):
+        span = (frames - 1) * stride + 1
+        for start in (0, 1, 5, 6, 7, 13, 30 - span):
+            clip = data.read_clip(tmp_path / name, frames, stride, start)
+            assert np.array_equal(clip, full[start:start + span:stride]), (frames, stride, start)
+    torch.manual_seed(0)
+    start = int(torch.randint(30 - 10 + 1, ()))
+    torch.manual_seed(0)
+    assert np.array_equal(data.read_clip(tmp_path / name, 4, 3), full[start:start + 10:3])  # torch's RNG draws
+    with pytest.raises(data.VideoError, match=f"{name} has 30 frames, fewer than the 31"):
+        data.read_clip(tmp_path / name, 31)
+
+
+def test_bad_rows_are_replaced_at_random(tmp_path):
+    write_clip(tmp_path / "good.mp4")
+    rows = [f"good.mp4,clip {k}" for k in range(6)] + [f"gone{k}.mp4,bad {k}" for k in range(5)]
+    (tmp_path / "list.csv").write_text("path,caption\n" + "\n".join(rows) + "\n")
+
+    def serve():
+        dataset = data.VideoCSVDataset(tmp_path / "list.csv", frames=4, size=(8, 8))
+        with pytest.warns(UserWarning, match="gone"):
+            return dataset, [dataset[i][1] for i in range(11)]
+
+    dataset, captions = serve()
+    assert captions[:6] == [f"clip {k}" for k in range(6)] and dataset.skipped == 5
+    # Taking the next row (wrapping around) served clip 0 six times in eleven, all five replacements.
+    assert captions.count("clip 0") < 6 and len(set(captions[6:])) > 1
+    assert serve()[1] == captions  # seeded: the same replacements in every run
+
+
+def test_val_split_is_fixed_and_disjoint_from_train(tmp_path):
+    rows = [f"v{k:02d}.mp4,video {k}" for k in range(40)] + ["v00.mp4,video 0 again"]
+    (tmp_path / "list.csv").write_text("path,caption\n" + "\n".join(rows) + "\n")
+    (tmp_path / "reversed.csv").write_text("path,caption\n" + "\n".join(rows[::-1]) + "\n")
+
+    def paths(spec="list.csv", **kw):  # the videos a split lists (files are only opened when served)
+        return {Path(p).name for p, _ in data.make_dataset(str(tmp_path / spec), **kw).items}
+
+    train, val = paths(split="train"), paths(split="val")
+    assert len(val) == 2 and not train & val and len(train | val) == 40  # 5% of 40, never trained on
+    assert paths(split="val") == val == paths("reversed.csv", split="val")  # fixed, whatever the row order
+    assert paths(split="val", seed=1) != val and len(paths(split="val", val_fraction=0.25)) == 10
+    assert paths(split="train", val_fraction=0) == train | val
+    with pytest.raises(ValueError, match="no videos held out"):
+        paths(split="val", val_fraction=0)
+    # a validation listing of its own: each side is used whole
+    (tmp_path / "val.csv").write_text("path,caption\nw0.mp4,a\nw1.mp4,b\n")
+    assert paths(split="val", val_data=str(tmp_path / "val.csv")) == {"w0.mp4", "w1.mp4"}
+    assert paths(split="train", val_data=str(tmp_path / "val.csv")) == train | val
+    # the shapes world: "val" is the world drawn with another seed; "heldout" still works
+    shapes_val = data.make_dataset("shapes", split="val", seed=3, num_videos=4)
+    assert [shapes_val.attributes(i) for i in range(4)] == [data.ShapesDataset(seed=10_003).attributes(i)
+                                                            for i in range(4)]
+    assert data.make_dataset("shapes", split="heldout", num_videos=4).split == "heldout"
+
+
+def test_ucf_testlist01_is_the_val_split(tmp_path):
+    root = tmp_path / "UCF-101"
+    for name in ("ApplyEyeMakeup", "Biking"):
+        (root / name).mkdir(parents=True)
+        for group in (1, 2, 8, 9):
+            (root / name / f"v_{name}_g{group:02d}_c01.avi").touch()  # listed, not opened
+    lists = tmp_path / "ucfTrainTestlist"  # beside the class folders' root, as UCF-101 unpacks
+    lists.mkdir()
+    (lists / "testlist01.txt").write_text("".join(f"{name}/v_{name}_g0{group}_c01.avi\r\n"
+                                                  for name in ("ApplyEyeMakeup", "Biking") for group in (1, 2)))
+    (lists / "trainlist01.txt").write_text("".join(f"{name}/v_{name}_g0{group}_c01.avi {label}\r\n"
+                                                   for label, name in enumerate(("ApplyEyeMakeup", "Biking"), 1)
+                                                   for group in (8, 9)))
+
+    def groups(split):
+        return sorted(Path(p).stem[-7:-4] for p, _ in data.make_dataset(root, split=split).items)
+
+    assert groups("val") == ["g01", "g01", "g02", "g02"] and groups("train") == ["g08", "g08", "g09", "g09"]
+    (lists / "testlist01.txt").unlink()  # no official split: a seeded slice of 5%, at least one video
+    assert len(groups("val")) == 1 and len(groups("train")) == 7
+
+
+def test_report_loading_speed_leaves_the_run_unchanged(tmp_path, capsys):
+    write_clip(tmp_path / "v.mp4", frames=12)
+    (tmp_path / "list.csv").write_text("path,caption\nv.mp4,a clip\n")
+    dataset = data.make_dataset(str(tmp_path / "list.csv"), frames=4)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert data.report_loading_speed(dataset, n=3) > 0 and "clips/s" in capsys.readouterr().out
+    assert torch.equal(torch.rand(3), expected)  # clip starts drew from a forked RNG
 
 
 # ==================================================================================================
@@ -262,7 +403,9 @@ def micro_dataset(n=16):
 
 def training_args(out, **overrides):
     parser = argparse.ArgumentParser()
-    data.add_training_args(parser, steps=4, batch_size=4, lr=1e-3, every=2)
+    data.add_training_args(parser)
+    parser.set_defaults(steps=4, batch_size=4, grad_accum=1, lr=1e-3, warmup=0, betas=(0.9, 0.99), weight_decay=0.0,
+                        grad_clip=1.0, ema_decay=0.9999, every=2)
     args = parser.parse_args([])
     args.out = str(out)
     vars(args).update(overrides)
@@ -336,7 +479,7 @@ def test_save_load_identical_outputs(tmp_path):
 def test_latent_cache_is_reused_and_encoded_again_when_its_source_changes(tmp_path):
     _, trained = train_micro(tmp_path, steps=2)  # the EMA model: frozen, as stages 2 and 3 load it
     frame_space, videos, path = ae.FrameSpace("", "cpu"), micro_dataset(6), tmp_path / "latents.safetensors"
-    items = ae.cache_latents(trained, frame_space, videos, path, "cpu", {"ae": "trained"})
+    items = data.cache_latents(trained, frame_space, videos, path, "cpu", {"ae": "trained"})
     content_frames, motion_latents = trained.encode(torch.stack([videos[i][0] for i in range(6)]))
     torch.testing.assert_close(torch.stack([c for c, _, _ in items]), content_frames)
     torch.testing.assert_close(torch.stack([m for _, m, _ in items]), motion_latents)
@@ -346,10 +489,10 @@ def test_latent_cache_is_reused_and_encoded_again_when_its_source_changes(tmp_pa
         def encode(self, frames):
             raise AssertionError("encoded again")
 
-    again = ae.cache_latents(NoEncoding(), frame_space, videos, path, "cpu", {"ae": "trained"})  # read back
+    again = data.cache_latents(NoEncoding(), frame_space, videos, path, "cpu", {"ae": "trained"})  # read back
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(items, again))
     other = ae.Autoencoder(MICRO).eval()  # another AE: the cache is stale, and encoded again
-    fresh = ae.cache_latents(other, frame_space, videos, path, "cpu", {"ae": "other"})
+    fresh = data.cache_latents(other, frame_space, videos, path, "cpu", {"ae": "other"})
     with torch.no_grad():
         torch.testing.assert_close(fresh[0][0], other.encode(videos[0][0][None])[0][0])
     assert not torch.allclose(fresh[0][0], items[0][0])
@@ -417,7 +560,7 @@ def join_as_gloo_rank(rank, port):
     torch.set_num_threads(1)
 
 
-def ddp_worker(rank, out, port, minutes=(None, None)):
+def ddp_worker(rank, out, port, minutes=(0, 0)):
     join_as_gloo_rank(rank, port)
     model, _ = train_micro(out / "run", steps=2, batch_size=2, minutes=minutes[rank])
     torch.save(model.state_dict(), out / f"rank{rank}.pt")
@@ -440,7 +583,7 @@ def spawn_two(worker, *args):
             pytest.fail("the two gloo processes did not finish within 2 minutes")
 
 
-@pytest.mark.parametrize("minutes", [(None, None), (1e-9, 1e6)])
+@pytest.mark.parametrize("minutes", [(0, 0), (1e-9, 1e6)])
 def test_two_gloo_processes_end_with_identical_weights(tmp_path, minutes):
     """Also under --minutes, where rank 0 runs out of time at once and rank 1 would go on:
     rank 0's clock decides, so both stop after the first step."""
@@ -449,7 +592,7 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path, minutes):
     initial = ae.Autoencoder(MICRO).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], initial[k]) for k in a)  # and they did train
-    assert json.load(open(tmp_path / "run" / "ae.json"))["step"] == (2 if minutes[0] is None else 1)
+    assert json.load(open(tmp_path / "run" / "ae.json"))["step"] == (2 if minutes[0] == 0 else 1)
 
 
 def stages_worker(rank, out, ports):
@@ -972,7 +1115,7 @@ def test_short_diffusion_training_run_loss_drops(stage, tmp_path):
 
 
 # ==================================================================================================
-# sample.py: text -> video, the shapes detector, failures of the command line
+# sample.py: text -> video, failures of the command line; tools/shapes.py: the shapes detector
 # ==================================================================================================
 
 def make_run(run_dir, ae_config=ae.PRESETS["tiny"]):
@@ -1019,11 +1162,11 @@ def test_batch_of_videos_per_prompt_from_a_file(run_dir, tmp_path):
 
 
 def test_same_seed_same_video(run_dir):
-    pipe = sample.Pipeline(run_dir, "cpu")
+    models = sample.load_models(run_dir, "cpu")
 
     def generate(seed):
-        return pipe(["a yellow triangle rotating on a dark background"], 2, 3.0, 3.0,
-                    torch.Generator("cpu").manual_seed(seed), progress=False)[0]
+        return sample.generate(models, ["a yellow triangle rotating on a dark background"], 2, 3.0, 3.0,
+                               torch.Generator("cpu").manual_seed(seed), progress=False)[0]
 
     first = generate(0)
     assert first.shape == (1, 16, 3, 32, 32)
@@ -1039,25 +1182,25 @@ def test_detector_reads_real_videos():
             attributes = dataset.attributes(i)
             s = attributes["shapes"][0]
             truth.append((s["color"], s["shape"], s["motion"]))
-            found.append(sample.detect(data.render_shapes(attributes)))
-    color, shape, motion_ = sample.accuracy(found, truth)
+            found.append(shapes.detect(data.render_shapes(attributes)))
+    color, shape, motion_ = shapes.accuracy(found, truth)
     print(f"\ndetector on {len(truth)} real videos: color {color:.3f}, shape {shape:.3f}, motion {motion_:.3f}")
     assert min(color, shape, motion_) >= 0.98
-    assert sample.detect(np.full((16, 32, 32, 3), 128, np.uint8)) == ("none",) * 3
+    assert shapes.detect(np.full((16, 32, 32, 3), 128, np.uint8)) == ("none",) * 3
 
 
 def test_eval_specs_cover_held_out_and_background():
-    specs = sample.eval_specs(200)
-    assert sum(s[:3] in sample.HELDOUT_COMBOS for s in specs) == 50
+    specs = shapes.eval_specs(200)
+    assert sum(s[:3] in data.HELDOUT_COMBOS for s in specs) == 50
     assert {s[0] for s in specs} == set(data.COLORS) and {s[3] for s in specs} == {"dark", "light", "gradient"}
     assert ("red", "circle", "rotating") not in {s[:3] for s in specs}
-    attributes = sample.real_attributes(specs[:20])
+    attributes = shapes.real_attributes(specs[:20])
     assert [tuple(a["shapes"][0][k] for k in ("color", "shape", "motion")) for a in attributes] == \
            [s[:3] for s in specs[:20]]
 
 
 def test_eval_shapes_prints_table_and_json(run_dir, capsys):
-    sample.main(["--eval-shapes", "4", "--steps", "2", "--run", str(run_dir)])
+    evaluate.main(["--shapes", "4", "--steps", "2", "--run", str(run_dir)])
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[-1])
     assert summary["n"] == 4 and summary["heldout_n"] == 1
@@ -1127,7 +1270,76 @@ def test_command_line_error_has_no_traceback(tmp_path):
 
 
 # ==================================================================================================
-# sample.py --bench: FLOPs, and the timing path at toy size
+# The paper path at toy size, end to end, as a user runs it
+# ==================================================================================================
+
+# The README's paper-preset commands for one GPU (test_paper_path_end_to_end checks they are there).
+PAPER_COMMANDS = [
+    "python ae.py --preset paper --sd stable-diffusion-2-1-base --data webvid.csv --grad-accum 256 "
+    "--grad-checkpointing",
+    "python content.py --preset paper --sd stable-diffusion-2-1-base --text-weights open_clip_vit_h14.bin "
+    "--data webvid.csv --grad-accum 256 --grad-checkpointing",
+    "python motion.py --preset paper --text-weights open_clip_vit_h14.bin --data webvid.csv --grad-accum 256 "
+    "--grad-checkpointing",
+    'python sample.py "a corgi running on the beach" --run runs/paper --device cuda',
+]
+
+
+def write_with_pyav(path, frames, codec):
+    """np.uint8 (L, H, W, 3) -> a file in any container PyAV writes (avi: mpeg4, webm: vp8)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=8)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def test_paper_path_end_to_end(tmp_path):
+    """The four paper commands as subprocesses, on a toy Stable Diffusion 2.x folder and open_clip text
+    checkpoint, and real files in three containers at sizes neither square nor 1:2, one of them corrupt.
+    Only sizes and step counts change, through flags a user has too."""
+    readme = " ".join((Path(__file__).parent / "README.md").read_text().split())
+    assert all(command in readme for command in PAPER_COMMANDS)
+    sd = paper_check.write_sd_folder(tmp_path / "stable-diffusion-2-1-base", paper_check.TOY_UNET, paper_check.TOY_VAE)
+    paper_check.write_text_checkpoint(tmp_path / "open_clip_vit_h14.bin", paper_check.TOY_TEXT)
+    (tmp_path / "toy_clip.json").write_text(json.dumps(paper_check.TOY_TEXT))
+    rows = []
+    (tmp_path / "made").mkdir()
+    for k, (suffix, codec, size) in enumerate([(".mp4", None, (96, 160)), (".avi", "mpeg4", (120, 90)),
+                                               (".webm", "libvpx", (72, 200))] * 2):
+        made = paper_check.write_clips(tmp_path / "made", size, count=1, seed=k)[0]
+        path = tmp_path / f"clip{k}{suffix}"
+        if codec:  # the same frames in another container
+            write_with_pyav(path, data.read_video(made), codec)
+        else:
+            made.rename(path)
+        rows.append((path.name, f"a blob drifting, clip {k}"))
+    (tmp_path / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
+    paper_check.write_csv(tmp_path / "webvid.csv", rows[:3] + [("corrupt.mp4", "a corrupt file")] + rows[3:])
+    toy_text = ["--text", str(tmp_path / "toy_clip.json")]
+    toy = {"ae.py": ["--resolution", "64x128"], "content.py": toy_text, "motion.py": [*toy_text, "--size", "tiny"]}
+    commands = [[*command.split()[1:], "--steps", "2", "--grad-accum", "1", *toy[command.split()[1]]]
+                for command in PAPER_COMMANDS[:3]]
+    commands.append(["sample.py", "a blob drifting", "--run", "runs/paper", "--steps", "2", "--out", "samples"])
+    outputs = []
+    for script, *argv in commands:
+        outputs.append(subprocess.run([sys.executable, str(Path(__file__).parent / script), *argv], cwd=tmp_path,
+                                      capture_output=True, text=True, timeout=300,
+                                      env={**os.environ, "HF_HUB_OFFLINE": "1"}))  # no hub: fail fast
+        assert outputs[-1].returncode == 0, outputs[-1].stderr[-3000:]
+    assert "corrupt.mp4" in outputs[0].stderr and "skipped 1 unreadable" in outputs[0].stdout
+    video = data.read_video(tmp_path / "samples" / "a-blob-drifting-0.mp4")
+    assert video.shape == (16, 64, 128, 3)  # 16 frames, height:width = 1:2
+    run = tmp_path / "runs" / "paper"
+    assert ae.load_ae(run)[0].config.video_size == (64, 128)
+    assert content.load_content(run)[1].config.in_channels == 4
+    assert motion.load_motion(run)[0].config.frame_height == 8
+
+
+# ==================================================================================================
+# tools/bench.py: FLOPs, and the timing path at toy size
 # ==================================================================================================
 
 # The benchmark's setup at toy size: 4 frames of 4 x 8 x 16 latents, every network tiny.
@@ -1150,13 +1362,12 @@ def on_meta(*shape, grad=False):
     return torch.empty(*shape, device="meta", requires_grad=grad)
 
 
-@pytest.mark.parametrize("counter", [data.count_flops, lambda fn: count_flops_and_attention(fn)[0]])
-def test_linear_flops_match_hand_count(counter):
+def test_linear_flops_match_hand_count():
     # y = x W^T + b: one multiply-add (2 FLOPs) per (row, input, output); the bias add is not counted.
     batch, tokens, d_in, d_out = 3, 5, 8, 16
     layer = nn.Linear(d_in, d_out, device="meta")
-    assert counter(lambda: layer(on_meta(batch, d_in))) == 2 * batch * d_in * d_out
-    assert counter(lambda: layer(on_meta(batch, tokens, d_in))) == 2 * batch * tokens * d_in * d_out
+    assert data.count_flops(lambda: layer(on_meta(batch, d_in))) == (2 * batch * d_in * d_out, 0)
+    assert data.count_flops(lambda: layer(on_meta(batch, tokens, d_in))) == (2 * batch * tokens * d_in * d_out, 0)
 
 
 def test_attention_flops_match_hand_count():
@@ -1165,18 +1376,17 @@ def test_attention_flops_match_hand_count():
     b, h, n, d = 2, 3, 10, 8
     q = on_meta(b, h, n, d)
     attention = lambda: F.scaled_dot_product_attention(q, q, q)
-    assert data.count_flops(attention) == 4 * b * h * n * n * d
-    assert count_flops_and_attention(attention) == (4 * b * h * n * n * d,) * 2
+    assert data.count_flops(attention) == (4 * b * h * n * n * d,) * 2
     # ... and a linear layer is none of it, even on (b, n, d) tokens
-    assert count_flops_and_attention(lambda: nn.Linear(d, d, device="meta")(on_meta(b, n, d)))[1] == 0
+    assert data.count_flops(lambda: nn.Linear(d, d, device="meta")(on_meta(b, n, d)))[1] == 0
 
 
 def test_attention_backward_is_twice_the_forward():
     # the basis of "a training step ~ 3 forwards": dQ, dK, dV, dP are four more matmuls of the same size
     b, h, n, d = 1, 2, 6, 4
     q = on_meta(b, h, n, d, grad=True)
-    forward = data.count_flops(lambda: F.scaled_dot_product_attention(q, q, q))
-    assert data.count_flops(lambda: F.scaled_dot_product_attention(q, q, q).sum().backward()) == 3 * forward
+    forward, _ = data.count_flops(lambda: F.scaled_dot_product_attention(q, q, q))
+    assert data.count_flops(lambda: F.scaled_dot_product_attention(q, q, q).sum().backward())[0] == 3 * forward
 
 
 def test_modelscope_step_matches_mission_and_paper():
@@ -1185,7 +1395,7 @@ def test_modelscope_step_matches_mission_and_paper():
     unet3d = build(PAPER_SETUP, ["unet3d"], (64, 128), "meta")["unet3d"]
     with torch.device("meta"), torch.no_grad():
         video, tokens = torch.empty(2, 4, 16, 64, 128), torch.empty(2, 77, 1024)  # CFG batch 2
-        flops, attention = count_flops_and_attention(lambda: unet3d(video, torch.zeros(2), encoder_hidden_states=tokens))
+        flops, attention = data.count_flops(lambda: unet3d(video, torch.zeros(2), encoder_hidden_states=tokens))
     assert round(flops / 1e12, 1) == 91.0
     assert abs(50 * (flops - attention) / 4 / 1e12 - 939.0) < 0.02 * 939.0
 
@@ -1212,8 +1422,8 @@ def test_training_flops_tiny_positive_and_backward_costs_more():
 def test_sample_video_runs_tiny(system):
     # The GPU timing path (real DDIM with batched CFG, then the SD decode) at toy size on the CPU.
     nets = build(TINY_SETUP, SYSTEMS[system][0], TINY_SETUP["sample_latent"], "cpu")
-    text = random_text(TINY_SETUP, "cpu", torch.float32)
-    video = sample_video(system, nets, text, TINY_SETUP)
+    text_encoder = random_text_encoder(TINY_SETUP, "cpu", torch.float32)
+    video = sample_video(system, nets, text_encoder, TINY_SETUP)
     h, w = TINY_SETUP["sample_latent"]
     assert video.shape == (1, TINY_SETUP["ae"].frames, 3, 2 * h, 2 * w)  # the tiny VAE upsamples x2
     assert torch.isfinite(video).all()
@@ -1227,13 +1437,310 @@ def test_bench_prints_tables_and_json_last(capsys):
     assert "| CMD |" in "\n".join(out)
 
 
-def test_bench_flag_needs_no_prompt_or_checkpoint(tmp_path, monkeypatch):
+def test_bench_command_needs_no_checkpoint(monkeypatch):
     calls = []
-    monkeypatch.setattr(sample, "bench", lambda *args, **kwargs: calls.append((args, kwargs)))
-    monkeypatch.setattr(sample, "DEFAULT_RUN", tmp_path / "missing")
-    sample.main(["--bench", "--compile", "--device", "cpu"])
+    monkeypatch.setattr(bench_tool, "bench", lambda *args, **kwargs: calls.append((args, kwargs)))
+    bench_tool.main(["--compile", "--device", "cpu"])
     assert calls == [((torch.device("cpu"),), dict(runs=3, compile_models=True))]
-    for argv in (["--bench", "a red circle"], ["a red circle", "--compile"]):
-        with pytest.raises(SystemExit) as e:
-            sample.main(argv)
-        assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        bench_tool.main(["a red circle"])
+    assert e.value.code == 2
+
+
+# ----------------------------------------------------------------------------- tools/evaluate.py: FVD and CLIPSIM
+
+def gaussian_sample(mean, cov, n, seed):
+    """n points whose sample mean and (N - 1) covariance are exactly `mean` and `cov`."""
+    z = np.random.default_rng(seed).normal(size=(n, len(mean)))
+    z -= z.mean(0)
+    z = z @ np.linalg.inv(np.linalg.cholesky(np.cov(z, rowvar=False))).T  # sample covariance exactly I
+    return z @ np.linalg.cholesky(cov).T + mean
+
+
+def test_frechet_distance_closed_form_for_diagonal_covariances():
+    # Diagonal S_a, S_b: Tr(S_a + S_b - 2 (S_a S_b)^1/2) = sum (sqrt(a_i) - sqrt(b_i))^2.
+    var_a, var_b = np.array([1.0, 4.0, 0.25, 9.0]), np.array([4.0, 1.0, 0.25, 2.0])
+    mean_a, mean_b = np.array([0.0, 1.0, 2.0, 3.0]), np.array([1.0, 1.0, 0.0, 3.0])
+    a, b = gaussian_sample(mean_a, np.diag(var_a), 50, 0), gaussian_sample(mean_b, np.diag(var_b), 80, 1)
+    expected = ((mean_a - mean_b) ** 2).sum() + ((np.sqrt(var_a) - np.sqrt(var_b)) ** 2).sum()
+    assert evaluate.frechet_distance(a, b) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_random_covariances_match_eigenvalue_reference():
+    # Independent reference: Tr((S_a S_b)^1/2) = sum of sqrt of the eigenvalues of the (non-symmetric)
+    # product S_a S_b, from a general eigensolver.
+    rng = np.random.default_rng(2)
+    d = 6
+    cov_a, cov_b = (m @ m.T + 0.1 * np.eye(d) for m in rng.normal(size=(2, d, d)))
+    mean_a, mean_b = rng.normal(size=(2, d))
+    a, b = gaussian_sample(mean_a, cov_a, 40, 3), gaussian_sample(mean_b, cov_b, 30, 4)
+    trace_sqrt = np.sqrt(np.linalg.eigvals(cov_a @ cov_b).real).sum()
+    expected = ((mean_a - mean_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt
+    assert evaluate.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_zero_for_the_same_statistics_and_symmetric():
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(300, 12)), rng.normal(1, 2, size=(200, 12))
+    assert evaluate.frechet_distance(a, a) == pytest.approx(0, abs=1e-9)
+    assert evaluate.frechet_distance(a, a[::-1]) == pytest.approx(0, abs=1e-9)  # the order of videos is no matter
+    assert evaluate.frechet_distance(a, b) == pytest.approx(evaluate.frechet_distance(b, a), rel=1e-9)
+    assert evaluate.frechet_distance(a, b) > 10
+
+
+def test_frechet_distance_stable_when_covariances_are_singular():
+    # N = 10 videos of d = 400 features (the I3D's): rank <= 9, 391 eigenvalues at rounding level,
+    # whose square roots add ~1e-7 relative. A shifted copy has the same covariance: the distance
+    # is the squared shift.
+    rng = np.random.default_rng(6)
+    a, b = rng.normal(size=(10, 400)), rng.normal(size=(12, 400))
+    shift = rng.normal(size=400)
+    assert evaluate.frechet_distance(a, a + shift) == pytest.approx((shift ** 2).sum(), rel=1e-6)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    trace_sqrt = np.sqrt(np.abs(np.linalg.eigvals(cov_a @ cov_b).real)).sum()
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt
+    assert evaluate.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+
+
+class StandInI3D(nn.Module):
+    """Saved as StyleGAN-V's i3d_torchscript.pt is (TorchScript) with its call signature. Its features:
+    8 random projections of the input, then what it was given (T, H, W, min, max and the three flags)."""
+
+    def __init__(self):
+        super().__init__()
+        self.project = nn.Linear(24, 8)
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                return_features: bool = False) -> torch.Tensor:
+        features = self.project(F.adaptive_avg_pool3d(x, (2, 2, 2)).flatten(1))  # x: (N, 3, T, H, W)
+        given = torch.tensor([float(x.shape[2]), float(x.shape[3]), float(x.shape[4]), float(x.min()),
+                              float(x.max()), float(rescale), float(resize), float(return_features)])
+        return torch.cat([features, given.expand(x.shape[0], 8)], 1)
+
+
+@pytest.fixture(scope="module")
+def i3d_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("i3d") / "i3d_torchscript.pt"
+    torch.jit.save(torch.jit.script(StandInI3D()), str(path))
+    return path
+
+
+def random_videos(n, frames=16, height=24, width=40, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, frames, height, width, 3), dtype=np.uint8)
+
+
+def test_i3d_loads_from_file_and_sees_the_protocol(i3d_file):
+    detector = evaluate.load_i3d(i3d_file, "cpu")
+    videos = random_videos(3, frames=20)
+    features = evaluate.i3d_features(detector, videos, "cpu")
+    assert features.dtype == np.float64 and features.shape == (3, 16)
+    # 16 frames at 224 x 224, values in [-1, 1], already rescaled and resized, features asked for
+    assert features[0, 8:11].tolist() == [16, 224, 224]
+    assert -1 <= features[:, 11].min() and features[:, 12].max() <= 1
+    assert features[0, 13:].tolist() == [0, 0, 1]
+    # the same features for the same video: again, and alone rather than in a batch
+    np.testing.assert_array_equal(evaluate.i3d_features(detector, videos, "cpu"), features)
+    alone = evaluate.i3d_features(detector, videos[1:2], "cpu")[0]
+    np.testing.assert_allclose(alone[:11], features[1, :11], atol=1e-6)  # (min and max are the batch's)
+    assert not np.allclose(features[0, :8], features[1, :8])
+
+
+def test_i3d_input_resizes_the_shorter_side_and_crops_the_centre():
+    # A wide video: red, green, blue thirds. The shorter side -> 224 makes it 224 x 672; the centre
+    # crop keeps the green third only (its outermost columns blend with the neighbours).
+    video = np.zeros((16, 50, 150, 3), np.uint8)
+    for third, channel in enumerate((0, 1, 2)):
+        video[:, :, 50 * third:50 * (third + 1), channel] = 255
+    x = evaluate.i3d_input(video)
+    assert x.shape == (3, 16, 224, 224)
+    middle = x[:, :, :, 4:-4]
+    torch.testing.assert_close(middle[1], torch.ones_like(middle[1]))  # green: 255 -> 1
+    torch.testing.assert_close(middle[[0, 2]], -torch.ones_like(middle[[0, 2]]))  # red, blue: 0 -> -1
+    tall = evaluate.i3d_input(random_videos(1, frames=17, height=300, width=100)[0])
+    assert tall.shape == (3, 16, 224, 224) and -1 <= tall.min() and tall.max() <= 1
+
+
+def write_videos(folder, videos):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, video in enumerate(videos):
+        data.write_video(folder / f"{i:03d}.mp4", video)
+    return folder
+
+
+def folder_dataset(asked):
+    """Stands in for data.make_dataset's held-out split: the videos of a folder, their file names as
+    captions; records the keywords it was called with in `asked`."""
+    class VideoFolder(torch.utils.data.Dataset):
+        def __init__(self, spec, **options):
+            asked.append(options)
+            self.paths = sorted(Path(spec).glob("*.mp4"))
+
+        def __len__(self):
+            return len(self.paths)
+
+        def __getitem__(self, i):
+            return data.uint8_to_video(data.read_video(self.paths[i])), self.paths[i].stem
+    return VideoFolder
+
+
+def last_json(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_fvd_of_a_video_folder_against_the_held_out_split(i3d_file, tmp_path, monkeypatch, capsys):
+    asked = []
+    monkeypatch.setattr(data, "make_dataset", folder_dataset(asked))
+    generated = write_videos(tmp_path / "generated", random_videos(6, seed=1))
+    other = write_videos(tmp_path / "other", random_videos(6, seed=2) // 2)  # darker: other statistics
+    common = ["--videos", str(generated), "--i3d", str(i3d_file), "--num-videos", "6", "--device", "cpu"]
+    evaluate.main(common + ["--data", str(generated)])
+    same = last_json(capsys)
+    assert same["fvd"] == pytest.approx(0, abs=1e-6) and same["n"] == 6
+    # the held-out split at the generated videos' size, chosen as training chose it
+    assert asked == [{"frames": 16, "size": (24, 40), "split": "val", "seed": 0, "val_fraction": data.VAL_FRACTION}]
+    evaluate.main(common + ["--data", str(other), "--split", "all", "--data-seed", "3",
+                            "--save-features", str(tmp_path / "real.npz")])
+    different = last_json(capsys)
+    assert asked[1]["split"] == "all" and asked[1]["seed"] == 3
+    assert different["fvd"] > 1 and different["protocol"]["i3d"] == "i3d_torchscript.pt"
+    evaluate.main(common + ["--real-features", str(tmp_path / "real.npz")])  # the cached real set
+    assert last_json(capsys)["fvd"] == pytest.approx(different["fvd"], rel=1e-12)
+    assert len(asked) == 2
+
+
+def test_fvd_of_a_run_prompts_it_with_the_real_captions(run_dir, i3d_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "make_dataset", folder_dataset([]))
+    real = write_videos(tmp_path / "real", random_videos(3, height=32, width=32))
+    prompted = []
+    generate = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda models, prompts, *args, **kwargs:
+                        prompted.extend(prompts) or generate(models, prompts, *args, **kwargs))
+    evaluate.main(["--run", str(run_dir), "--data", str(real), "--i3d", str(i3d_file), "--num-videos", "3",
+                   "--steps", "2", "--batch-size", "2", "--device", "cpu"])
+    result = last_json(capsys)
+    assert prompted == ["000", "001", "002"]  # the captions of the real videos
+    assert result["fvd"] > 0 and result["protocol"]["steps"] == 2 and result["protocol"]["size"] == [32, 32]
+
+
+TINY_CLIP = {"embed_dim": 16,
+             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def save_open_clip(folder, name, config, weights=None):
+    """Register an open_clip model config under `name` (open_clip's own machinery), build it, and save
+    its state dict as open_clip checkpoints are saved; weights(model) may set the weights first."""
+    (folder / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / f"{name}.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model(name)
+    if weights:
+        with torch.no_grad():
+            weights(model)
+    torch.save(model.state_dict(), folder / f"{name}.bin")
+    return folder / f"{name}.bin"
+
+
+def test_clipsim_matches_a_direct_open_clip_computation(tmp_path, capsys):
+    weights = save_open_clip(tmp_path, "tiny-test-clip", TINY_CLIP)
+    videos = random_videos(3, height=40, width=56)  # resized and cropped to the model's 32 x 32
+    write_videos(tmp_path / "videos", videos)
+    (tmp_path / "prompts.txt").write_text("a red circle\na dog on a beach\n")  # video 2 gets prompt 0 again
+    evaluate.main(["--videos", str(tmp_path / "videos"), "--prompts", str(tmp_path / "prompts.txt"), "--num-videos",
+                   "3", "--clip-model", "tiny-test-clip", "--clip-weights", str(weights), "--device", "cpu"])
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    # Directly: open_clip's own model, transform (PIL) and tokenizer on each decoded frame.
+    model, _, transform = open_clip.create_model_and_transforms("tiny-test-clip", pretrained=str(weights))
+    tokenizer = open_clip.get_tokenizer("tiny-test-clip")
+    cosines = []
+    for k, path in enumerate(sorted((tmp_path / "videos").glob("*.mp4"))):
+        images = torch.stack([transform(Image.fromarray(frame)) for frame in data.read_video(path)])
+        with torch.no_grad():
+            image = F.normalize(model.encode_image(images), dim=-1)
+            text = F.normalize(model.encode_text(tokenizer(["a red circle", "a dog on a beach"][k % 2])), dim=-1)
+        cosines.append((image @ text.T).mean().item())
+    assert result["clipsim"] == pytest.approx(np.mean(cosines), abs=2e-4)  # PIL rounds resized frames to uint8
+    assert "raw cosine" in out and result["protocol"]["clipsim_scale"].startswith("raw cosine")
+
+
+def colour_clip_weights(model):
+    """An open_clip CLIP whose image embedding is a frame's mean colour and whose text embedding is the
+    colour word of the prompt: embedding dimensions 0, 1, 2 are red, green, blue."""
+    for parameter in model.parameters():  # zero everything: every transformer block passes its input on
+        parameter.zero_()
+    for name, parameter in model.named_parameters():
+        if "ln_" in name and name.endswith("weight"):
+            parameter.fill_(1)  # LayerNorms normalise, no more
+    model.visual.conv1.weight[[0, 1, 2], [0, 1, 2]] = 1 / 64  # token channel k: the 8 x 8 patch's mean of colour k
+    model.visual.proj[:3] = torch.eye(3)
+    tokenizer = open_clip.get_tokenizer("colour-test-clip")
+    for k, word in enumerate(("red", "green", "blue")):
+        model.token_embedding.weight[tokenizer([word])[0, 1], k] = 1  # (position 0: the start-of-text token)
+    attention = model.transformer.resblocks[0].attn  # queries and keys 0: the end-of-text token averages
+    attention.in_proj_weight[16:] = torch.eye(8)     # the values of all tokens, the colour word's included
+    attention.out_proj.weight.copy_(torch.eye(8))
+    model.text_projection[:3] = torch.eye(3)
+
+
+def test_clipsim_ranks_the_matching_prompt_first(tmp_path):
+    config = {"embed_dim": 3, "vision_cfg": {"image_size": 32, "layers": 0, "width": 8, "patch_size": 8,
+                                             "head_width": 8, "pool_type": "avg"},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 8, "heads": 1, "layers": 1}}
+    weights = save_open_clip(tmp_path, "colour-test-clip", config, colour_clip_weights)
+    clip = evaluate.load_clip("colour-test-clip", weights, "cpu")
+    noise = np.random.default_rng(0).normal(0, 20, (8, 24, 40, 3))
+    videos = [np.clip(np.array(data.COLORS[c]) + noise, 0, 255).astype(np.uint8) for c in ("red", "green", "blue")]
+    prompts = [f"a {c} circle moving left" for c in ("red", "green", "blue")]
+    # similarity[i, j]: prompt i with video j
+    similarity = np.stack([evaluate.clip_similarities(clip, videos, [p] * 3, "cpu") for p in prompts])
+    assert (similarity.argmax(0) == [0, 1, 2]).all() and (similarity.argmax(1) == [0, 1, 2]).all()
+    assert np.diag(similarity).min() > 0.5 > similarity[~np.eye(3, dtype=bool)].max()
+
+
+def evaluate_fails(argv, capsys, *words):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv + ["--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "{" not in out, err  # no progress began
+    assert ": error: " in err and "Traceback" not in err
+    for word in words:
+        assert word in err, err
+
+
+def test_evaluate_errors_are_one_line(i3d_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "make_dataset", folder_dataset([]))
+    videos = write_videos(tmp_path / "videos", random_videos(2))
+    fvd = ["--videos", str(videos), "--num-videos", "2", "--data", str(videos)]
+    evaluate_fails(fvd + ["--i3d", str(tmp_path / "missing.pt")], capsys, "no such file", "i3d_torchscript.pt")
+    torch.save(StandInI3D().state_dict(), tmp_path / "state_dict.pt")  # weights, not a TorchScript network
+    evaluate_fails(fvd + ["--i3d", str(tmp_path / "state_dict.pt")], capsys, "not a TorchScript network")
+    torch.jit.save(torch.jit.script(nn.Linear(3, 3)), str(tmp_path / "linear.pt"))  # TorchScript, another call
+    evaluate_fails(fvd + ["--i3d", str(tmp_path / "linear.pt")], capsys, "takes (input)")
+    (tmp_path / "clip.bin").write_bytes(b"not a checkpoint")
+    evaluate_fails(["--videos", str(videos), "--num-videos", "2", "--prompts", str(tmp_path / "clip.bin"),
+                    "--clip-weights", str(tmp_path / "clip.bin")], capsys, "not an open_clip ViT-B-32 checkpoint")
+    evaluate_fails(fvd[:2] + ["--num-videos", "3", "--data", str(videos), "--i3d", str(i3d_file)], capsys,
+                   "holds 2 videos, fewer than --num-videos 3")
+    generated = write_videos(tmp_path / "generated", random_videos(3))
+    evaluate_fails(["--videos", str(generated), "--num-videos", "3", "--data", str(videos), "--i3d", str(i3d_file)],
+                   capsys, "'val' split holds 2 videos, fewer than --num-videos 3")
+    short = write_videos(tmp_path / "short", random_videos(2, frames=8))
+    evaluate_fails(["--videos", str(short), "--num-videos", "2", "--data", str(videos), "--i3d", str(i3d_file)],
+                   capsys, "has 8 frames, fewer than the 16")
+
+
+def test_shapes_evaluation_with_fvd(run_dir, i3d_file, capsys):
+    evaluate.main(["--shapes", "3", "--steps", "2", "--run", str(run_dir), "--i3d", str(i3d_file), "--device", "cpu"])
+    summary = last_json(capsys)
+    assert summary["n"] == 3 and summary["fvd"] > 0 and summary["real_color_acc"] == 1.0
+
+
+def test_evaluate_help_lists_the_metrics_and_their_protocol(capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for words in ("FVD", "CLIPSIM", "--shapes", "i3d_torchscript.pt", "2,048", "224", "ViT-B-32", "raw", "--data"):
+        assert words in out, words

@@ -1,0 +1,159 @@
+"""The paper path on one GPU, end to end: each stage trains a few steps, then one video is sampled.
+
+It runs the stage scripts' own main() with the README's paper-preset commands, on what a user
+would have, made up here with random weights so that nothing is downloaded:
+  * a Stable Diffusion 2.1-base folder (diffusers layout: unet/, vae/, scheduler/),
+  * an open_clip ViT-H-14 text checkpoint,
+  * a CSV of 16-frame-plus mp4 clips at the training resolution (moving colour blobs),
+then prints each stage's time per step and peak GPU memory (bf16 autocast, gradient
+checkpointing, batch 1, under `torch.cuda.set_per_process_memory_fraction` set to an 80 GB
+A100's share of this GPU), and the time of sampling one video with 50 + 50 DDIM steps and
+classifier-free guidance. The last line is JSON.
+
+    python tools/paper_check.py --device cuda                 # 16 x 512 x 1024, DiT-XL/2
+    python tools/paper_check.py --toy                         # the same path at toy size, on the CPU
+
+--toy uses tiny widths (the same classes and block types) and 64x128 videos: what the tests run.
+"""
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the stage files live one folder up
+import ae  # noqa: E402
+import content  # noqa: E402
+import motion  # noqa: E402
+import sample  # noqa: E402
+from data import write_video  # noqa: E402
+from tools.bench import SD21_VAE_CONFIG  # noqa: E402
+
+# Stable Diffusion 2.1-base's scheduler/scheduler_config.json (a PNDM scheduler there; we read its
+# noise schedule only): epsilon prediction, scaled-linear betas.
+SD21_BASE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          prediction_type="epsilon", steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+# SD 2.1-base's UNet is SD 2.1's at sample_size 64 (512 px); the rest of the config is the same.
+SD21_BASE_UNET = {**content.SD21_UNET_CONFIG, "sample_size": 64}
+
+# The same classes and block types at toy widths: SD's UNet (3 cross-attention blocks, then one
+# without), an 8x VAE (4 blocks), and an open_clip CLIP config whose text tower is 32 wide.
+TOY_TEXT = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 32, "layers": 1},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+TOY_UNET = {**SD21_BASE_UNET, "sample_size": 8, "block_out_channels": (32, 32, 64, 64), "layers_per_block": 1,
+            "attention_head_dim": (2, 2, 4, 4), "norm_num_groups": 8, "cross_attention_dim": 32}
+TOY_VAE = {**SD21_VAE_CONFIG, "block_out_channels": (8, 8, 16, 16), "layers_per_block": 1, "norm_num_groups": 4,
+           "sample_size": 64}
+
+
+def write_sd_folder(path, unet_config=SD21_BASE_UNET, vae_config=SD21_VAE_CONFIG):
+    """A Stable Diffusion folder in diffusers' layout, with random weights."""
+    torch.manual_seed(0)
+    UNet2DConditionModel(**unet_config).save_pretrained(Path(path) / "unet")
+    AutoencoderKL(**vae_config).save_pretrained(Path(path) / "vae")
+    DDIMScheduler(**SD21_BASE_SCHEDULE).save_pretrained(Path(path) / "scheduler")
+    return Path(path)
+
+
+def write_text_checkpoint(path, model_config):
+    """An open_clip checkpoint of a model config's text tower, its keys at the top level as in
+    CLIP checkpoints (ViT-H-14's), with random weights."""
+    torch.manual_seed(0)
+    torch.save(content.TextEncoder(model_config).text.state_dict(), path)
+    return Path(path)
+
+
+def write_clips(folder, size, count=4, frames=20, seed=0):
+    """`count` mp4 clips of `frames` frames, (height, width) pixels: a blob of colour drifting
+    across a gradient. Returns their paths."""
+    rng = np.random.default_rng(seed)
+    height, width = size
+    ys, xs = np.mgrid[:height, :width] / max(height, width)
+    paths = []
+    for k in range(count):
+        colour, start, step = rng.uniform(0, 255, 3), rng.uniform(0.2, 0.5, 2), rng.uniform(-0.01, 0.01, 2)
+        video = np.empty((frames, height, width, 3))
+        for i in range(frames):
+            cy, cx = start + i * step
+            blob = np.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / 0.01)[..., None]
+            video[i] = (1 - blob) * 255 * ys[..., None] + blob * colour
+        paths.append(Path(folder) / f"clip{k}.mp4")
+        write_video(paths[-1], video.round().astype(np.uint8))
+    return paths
+
+
+def write_csv(path, rows):
+    """A --data CSV of (video path, caption) rows."""
+    Path(path).write_text("path,caption\n" + "".join(f"{video},{caption}\n" for video, caption in rows))
+    return Path(path)
+
+
+def peak_gb(device):
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--toy", action="store_true", help="tiny widths and 64x128 videos (a CPU dry run)")
+    parser.add_argument("--steps", type=int, default=4, help="training steps per stage (the first one warms up)")
+    parser.add_argument("--memory-gb", type=float, default=80, help="cap GPU memory at this much (an A100's 80)")
+    parser.add_argument("--work", default=None, help="folder for the random checkpoints and clips (default: a temp)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gb * 1e9 / total), device)
+    work = Path(args.work or tempfile.mkdtemp(prefix="cmd-paper-check-"))
+    resolution = (64, 128) if args.toy else (512, 1024)
+    start = time.perf_counter()
+    sd = write_sd_folder(work / "sd", *((TOY_UNET, TOY_VAE) if args.toy else (SD21_BASE_UNET, SD21_VAE_CONFIG)))
+    text = ["--text-weights", str(write_text_checkpoint(work / "text.pt", TOY_TEXT if args.toy else
+                                                        open_clip.get_model_config("ViT-H-14")))]
+    if args.toy:
+        (work / "text.json").write_text(json.dumps(TOY_TEXT))
+        text += ["--text", str(work / "text.json")]
+    clips = write_clips(work, resolution)
+    csv = write_csv(work / "videos.csv", [(p.name, f"a colour blob drifting, clip {k}") for k, p in enumerate(clips)])
+    print(f"random SD 2.1-base, text tower and {len(clips)} clips in {work} ({time.perf_counter() - start:.0f} s)")
+    run = work / "run"
+    common = ["--preset", "paper", "--data", str(csv), "--out", str(run), "--steps", str(args.steps),
+              "--batch-size", "1", "--grad-accum", "1", "--grad-checkpointing", "--val-fraction", "0.25"]
+    stages = {"ae": (ae, ["--sd", str(sd), "--resolution", "x".join(map(str, resolution))]),
+              "content": (content, ["--sd", str(sd), *text]),
+              "motion": (motion, [*text, *(["--size", "tiny"] if args.toy else [])])}
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "resolution": list(resolution)}
+    for name, (stage, flags) in stages.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        stage.main([*common, *flags])
+        lines = [json.loads(line) for line in open(run / "metrics.jsonl") if f'"stage": "{name}"' in line]
+        seconds = [line["step_seconds"] for line in lines if "step_seconds" in line]
+        result[f"{name}_seconds_per_step"] = float(np.median(seconds[1:] or seconds))  # the first one warms up
+        result[f"{name}_peak_gb"] = peak_gb(device)
+    models = sample.load_models(run, device)
+    for warm_up in (True, False):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        with sample.autocast_for(device, None):
+            video, _ = sample.generate(models, ["a colour blob drifting"], 50, progress=False,
+                                       generator=torch.Generator(device).manual_seed(0))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    result.update(sample_seconds=time.perf_counter() - start, sample_peak_gb=peak_gb(device),
+                  sample_shape=list(video.shape))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""The shapes evaluation: does a generated video show the colour, shape and motion its prompt asks for?
+
+`evaluate_shapes` generates videos from captions of known (colour, shape, motion) through
+sample.generate, and reads those attributes back with the analytic detector `detect` below.
+The detector's own error rate is measured on real videos of the shapes world (exact), and the
+AE's on AE reconstructions of them (the best the generator could do). The command line is
+`python tools/evaluate.py --shapes N`.
+"""
+import itertools
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the stage files live one folder up
+from data import (BACKGROUNDS, COLORS, HELDOUT_COMBOS, MOTIONS, SHAPES, ShapesDataset, caption_for,  # noqa: E402
+                  render_shapes, uint8_to_video, video_to_uint8)
+from sample import generate  # noqa: E402
+
+# ----------------------------------------------------------------------------- the detector
+# Reads (colour, shape, motion) back from a one-shape video of the shapes world (data.py).
+# Measured on real videos it is exact (test_cmd.py), so accuracy on generated
+# videos measures the model, not the detector.
+
+PALETTE = np.array(list(COLORS.values()), np.float64)  # (K, 3)
+HARMONIC = {"triangle": (3, 0.53), "square": (4, 0.27)}  # (n, a drawn shape's n-fold symmetry, below)
+
+
+def neighbours(mask):
+    """How many pixels of each 3x3 neighbourhood (itself included) are set: (L, H, W) -> (L, H, W)."""
+    padded = np.pad(mask, ((0, 0), (1, 1), (1, 1)))
+    return np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(1, 2)).sum((-2, -1))
+
+
+def colour_and_coverage(video):
+    """uint8 (L, H, W, 3) -> (the drawn colour's name, its coverage alpha (L, H, W) in [0, 1]);
+    ("none", zeros) if nothing is drawn."""
+    v = video.astype(np.float64)
+    width = v.shape[2]
+    # Background, one colour per row (the gradient runs top to bottom): the median of the two
+    # leftmost and rightmost columns over all frames, which the shapes world keeps free.
+    background = np.median(v[:, :, [0, 1, width - 2, width - 1]], axis=(0, 2))  # (H, 3)
+    diff = v - background[:, None]  # (L, H, W, 3)
+    foreground = np.linalg.norm(diff, axis=-1) > 40  # colours are >= 150 away from any background
+    if not foreground.any():
+        return "none", np.zeros(v.shape[:3])
+    # Every pixel is a mix  background + alpha (colour - background), alpha in [0, 1] (0 < alpha < 1
+    # on anti-aliased edges). Fit alpha per pixel for each palette colour: the colour with the
+    # least residual over the foreground is the one drawn.
+    towards = PALETTE[:, None] - background[None]  # (K, H, 3)
+    alphas = np.einsum("lhwc,khc->klhw", diff, towards) / (towards ** 2).sum(-1)[:, None, :, None]
+    alphas = alphas.clip(0, 1)
+    residual = ((diff[None] - alphas[..., None] * towards[:, None, :, None]) ** 2).sum(-1)
+    k = (residual * foreground).sum((1, 2, 3)).argmin()
+    # Keep its alpha only on and next to pixels that are mostly that colour (alpha > 0.5) and have
+    # such neighbours, so that specks of noise away from the shape weigh nothing.
+    core = alphas[k] > 0.5
+    core &= neighbours(core) >= 3
+    return list(COLORS)[k], alphas[k] * (neighbours(core) > 0)
+
+
+def shape_and_motion(alpha):
+    """Coverage (L, H, W) -> (shape, motion) names; "none" if fewer than two frames show a shape."""
+    length, height, width = alpha.shape
+    area = alpha.sum((1, 2))
+    seen = area > 1  # frames that show at least a pixel's worth of the shape
+    if seen.sum() < 2:
+        return "none", "none"
+    area = np.maximum(area, 1e-6)
+    ys, xs = np.mgrid[:height, :width] + 0.5
+    cx, cy = (alpha * xs).sum((1, 2)) / area, (alpha * ys).sum((1, 2)) / area  # centroids (L,)
+    dx, dy = xs - cx[:, None, None], ys - cy[:, None, None]
+    mass, angle = alpha * (dx ** 2 + dy ** 2), np.arctan2(dy, dx)
+
+    def symmetry(n):
+        """n-fold symmetry of the mass around the centroid, |sum alpha rho^2 e^{i n theta}| / sum alpha rho^2
+        (rotation and scale invariant), median over the frames."""
+        return np.median((np.abs((mass * np.exp(1j * n * angle)).sum((1, 2))) / mass.sum((1, 2)).clip(1e-6))[seen])
+
+    # Shape: the symmetry strongest relative to a drawn shape's; a circle if neither reaches 30% of
+    # it (drawn circles score < 0.05; blurred by 3x3, squares keep > 0.34 and circles < 0.2).
+    scores = {shape: symmetry(n) / strength for shape, (n, strength) in HARMONIC.items()}
+    shape = max(scores, key=scores.get) if max(scores.values()) > 0.3 else "circle"
+    # Motion: least-squares slopes of the centroid and of log area over the frames that show the
+    # shape, so that no single frame decides. A shape whose centroid travels > 10% of the frame
+    # moves (drawn ones travel 1/3); otherwise its area grows (drawn: x4), shrinks (x1/4) or stays:
+    # rotation.
+    track = np.stack([cx, cy, np.log(area)], 1)[seen]  # (frames seen, 3)
+    slope_x, slope_y, slope_area = np.polyfit(np.arange(length)[seen], track, 1)[0] * (length - 1)
+    if max(abs(slope_x), abs(slope_y)) > 0.1 * width:
+        if abs(slope_x) > abs(slope_y):
+            return shape, "right" if slope_x > 0 else "left"
+        return shape, "down" if slope_y > 0 else "up"  # image y points down
+    return shape, "growing" if slope_area > np.log(1.25) else "shrinking" if slope_area < np.log(0.8) else "rotating"
+
+
+def detect(video):
+    """uint8 (L, H, W, 3) of one shape -> (colour, shape, motion) names, "none" for what is not there."""
+    colour, alpha = colour_and_coverage(video)
+    return (colour, *shape_and_motion(alpha))
+
+
+
+# ----------------------------------------------------------------------------- evaluation on shapes
+
+def eval_specs(n, seed=0):
+    """n (colour, shape, motion, background): every 4th a held-out combination (data.HELDOUT_COMBOS,
+    which training never shows), the others cycle through every other single-shape combination in
+    a fixed shuffled order; backgrounds cycle dark, light, gradient."""
+    seen = [c for c in itertools.product(COLORS, SHAPES, MOTIONS)
+            if c not in HELDOUT_COMBOS and c[1:] != ("circle", "rotating")]  # a rotating circle looks still
+    random.Random(seed).shuffle(seen)
+    held_out, others = itertools.cycle(HELDOUT_COMBOS), itertools.cycle(seen)
+    return [(*next(held_out if i % 4 == 0 else others), list(BACKGROUNDS)[i % 3]) for i in range(n)]
+
+
+def real_attributes(specs, seed=1):
+    """Attributes of real videos for these specs. Start and radius come from the next shapes-world
+    video with the same motion (the motion alone decides where a shape may start); the colour and
+    shape are then swapped in."""
+    world = ShapesDataset(seed=seed)
+    drawn = (world.attributes(i)["shapes"][0] for i in itertools.count())
+    return [{"background": background,
+             "shapes": [{**next(s for s in drawn if s["motion"] == motion), "color": color, "shape": shape}]}
+            for color, shape, motion, background in specs]
+
+
+def accuracy(predictions, truth):
+    """-> [colour, shape, motion] accuracy."""
+    return [float(np.mean([p[k] == t[k] for p, t in zip(predictions, truth)])) for k in range(3)]
+
+
+@torch.no_grad()
+def evaluate_shapes(models, n, steps, cfg_content, cfg_motion, generator, autocast, device, batch_size=16):
+    """Generate n shapes videos from captions (sample.generate) and detect their attributes; the same
+    for real videos of the same attributes and for their AE reconstructions (the best the generator
+    could do). Prints a table; returns (summary dict, {"generated": videos, "real": videos}), the
+    videos np.uint8 (n, L, H, W, 3)."""
+    cfg_content = models.cfg_content if cfg_content is None else cfg_content
+    cfg_motion = models.cfg_motion if cfg_motion is None else cfg_motion
+    specs = eval_specs(n)
+    attributes = real_attributes(specs)
+    prompts = [caption_for(a) for a in attributes]
+    ae, frame_space = models.ae, models.frame_space
+    size = ae.config.height * (8 if ae.config.sd else 1)  # pixels (the SD VAE downsamples by 8)
+    videos = {"generated": [], "ae": [], "real": []}
+    for i in tqdm(range(0, n, batch_size), desc=f"eval ({batch_size} videos a batch)"):
+        real = np.stack([render_shapes(x, size, ae.config.frames) for x in attributes[i:i + batch_size]])
+        with autocast:
+            generated, _ = generate(models, prompts[i:i + batch_size], steps, cfg_content, cfg_motion, generator,
+                                    progress=False)
+            reconstructed = frame_space.decode(ae(frame_space.encode(uint8_to_video(real).to(device))))
+        videos["generated"].append(video_to_uint8(generated))
+        videos["ae"].append(video_to_uint8(reconstructed))
+        videos["real"].append(real)
+    videos = {k: np.concatenate(v) for k, v in videos.items()}
+    found = {name: [detect(video) for video in batch] for name, batch in videos.items()}
+    held_out = [i for i, s in enumerate(specs) if s[:3] in HELDOUT_COMBOS]
+    rows = [("generated", "", found["generated"], specs),
+            ("generated, held-out combos", "heldout_", [found["generated"][i] for i in held_out],
+             [specs[i] for i in held_out]),
+            ("AE reconstructions", "ae_", found["ae"], specs), ("real videos", "real_", found["real"], specs)]
+    summary = {"n": n, "heldout_n": len(held_out), "steps": steps, "cfg_content": cfg_content, "cfg_motion": cfg_motion}
+    print("| videos | n | color | shape | motion |\n|---|---|---|---|---|")
+    for name, prefix, predictions, truth in rows:
+        scores = accuracy(predictions, truth)
+        print(f"| {name} | {len(truth)} | " + " | ".join(f"{x:.3f}" for x in scores) + " |")
+        summary.update({f"{prefix}{k}_acc": x for k, x in zip(("color", "shape", "motion"), scores)})
+    return summary, {"generated": videos["generated"], "real": videos["real"]}
