@@ -317,15 +317,13 @@ def main(argv=None):
         return
     # Everything that can be wrong with the input fails here, before a run directory exists.
     try:
-        if args.data is None:
-            raise ValueError("the paper preset trains on your videos: pass --data (a CSV or a folder of class folders)")
+        rank, _, device = setup_distributed()
+        frame_space = FrameSpace(config.sd, device)
         dataset, val_set = (make_dataset(args.data, frames=config.frames, size=config.video_size, stride=args.stride,
                                          seed=args.seed, split=split, val_fraction=args.val_fraction,
                                          val_data=args.val_data) for split in ("train", "val"))
         report_loading_speed(dataset)  # reads clips: a listing of unreadable files fails now
         val_videos = first_items(val_set, 32)[0]
-        rank, _, device = setup_distributed()
-        frame_space = FrameSpace(config.sd, device)
     except (OSError, ValueError, RuntimeError) as e:
         fail(e)
     torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run

@@ -388,14 +388,14 @@ def main(argv=None):
     # Everything that can be wrong with the input fails here, before training starts.
     try:
         rank, _, device = setup_distributed()
-        ae, frame_space = load_ae(args.ae or args.out, device)
-        dataset, val_batch = latent_data(args, ae, frame_space, device)
         text_encoder = text_encoder_for_run(args.out, config, args.text_weights).to(device)
+        ae, frame_space = load_ae(args.ae or args.out, device)
         frame_shape = (ae.config.channels, ae.config.height, ae.config.width)
+        torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
         unet, schedule = build_unet(config, frame_shape, text_encoder.width)
+        dataset, val_batch = latent_data(args, ae, frame_space, device)
     except (OSError, ValueError, RuntimeError) as e:
         fail(e)
-    torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
     diffusion = Diffusion(**schedule)
 
     def loss_fn(model, batch):
@@ -468,11 +468,16 @@ def load_open_clip_text_weights(te, path):
     # CLIP checkpoints (ViT-H-14) keep the text tower at the top level, next to "visual.*";
     # CustomTextCLIP ones put it under "text.".
     state = {k.removeprefix("text."): v for k, v in state.items()}
-    wanted = te.text.state_dict().keys()
+    wanted = te.text.state_dict()
     missing = [k for k in wanted if k not in state]
     if missing:
         raise ValueError(f"{path} holds no open_clip text tower of this config: "
                          f"missing {missing[:4]} ({len(missing)} keys)")
+    other = [f"{k} {tuple(state[k].shape)} instead of {tuple(v.shape)}" for k, v in wanted.items()
+             if state[k].shape != v.shape]
+    if other:
+        raise ValueError(f"{path} holds the text tower of another model ({other[0]}, and {len(other) - 1} more): "
+                         "pass the --text model it belongs to")
     te.text.load_state_dict({k: state[k] for k in wanted})
     return te
 

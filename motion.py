@@ -377,9 +377,9 @@ def main(argv=None):
     # Everything that can be wrong with the input fails here, before training starts.
     try:
         rank, _, device = setup_distributed()
+        text_encoder = text_encoder_for_run(args.out, text_config, args.text_weights).to(device)
         ae, frame_space = load_ae(args.ae or args.out, device)
         dataset, val_batch = latent_data(args, ae, frame_space, device)
-        text_encoder = text_encoder_for_run(args.out, text_config, args.text_weights).to(device)
         torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
         model = MotionDiT(config_for(args.preset, args.size, ae.config, text_encoder))
     except (OSError, ValueError, RuntimeError) as e:

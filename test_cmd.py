@@ -523,6 +523,15 @@ def test_resume_continues_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k.startswith("opt."))
 
 
+def test_accumulating_two_half_batches_is_one_whole_batch(tmp_path):
+    whole, _ = train_micro(tmp_path / "whole", steps=3, batch_size=4, grad_accum=1)
+    halves, _ = train_micro(tmp_path / "halves", steps=3, batch_size=2, grad_accum=2)
+    for (name, a), b in zip(whole.state_dict().items(), halves.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    logged = [json.loads(line) for line in open(tmp_path / "halves" / "metrics.jsonl")]
+    assert logged[-1]["step"] == 3 and logged[-1]["batch"] == 4  # the effective batch
+
+
 def test_missing_and_half_written_runs_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="train this stage first"):
         ae.load_ae(tmp_path / "nothing-here")
@@ -1336,6 +1345,39 @@ def test_paper_path_end_to_end(tmp_path):
     assert ae.load_ae(run)[0].config.video_size == (64, 128)
     assert content.load_content(run)[1].config.in_channels == 4
     assert motion.load_motion(run)[0].config.frame_height == 8
+
+
+def stage_fails(stage, argv, capsys, *words):
+    """`python <stage>.py argv` gives one line on stderr naming the problem and exit status 2."""
+    with pytest.raises(SystemExit) as e:
+        stage.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "error" in err, err
+    for word in words:
+        assert word in err, err
+
+
+def test_bad_paper_input_is_one_line_before_any_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    paper = ["--preset", "paper", "--out", str(out)]
+    stage_fails(ae, paper, capsys, "pass --data")
+    (tmp_path / "a.mp4").write_bytes(b"not a video")
+    (tmp_path / "b.mp4").write_bytes(b"")
+    bad_csv = paper_check.write_csv(tmp_path / "bad.csv", [("a.mp4", "one"), ("b.mp4", "two"), ("c.mp4", "three")])
+    stage_fails(ae, [*paper, "--data", str(bad_csv), "--resolution", "100x200"], capsys, "multiples of 16", "96x192")
+    (tmp_path / "not-sd").mkdir()
+    stage_fails(ae, [*paper, "--data", str(bad_csv), "--sd", str(tmp_path / "not-sd")], capsys,
+                "not a Stable Diffusion folder")
+    stage_fails(ae, ["--data", str(bad_csv), "--out", str(out)], capsys, "no usable video", "bad.csv")
+    # text weights of another model: a 32-wide tower where the config asks for 64
+    ae_run = tmp_path / "ae-run"
+    ae_run.mkdir()
+    data.save_stage(ae_run, "ae", ae.Autoencoder(ae.PRESETS["tiny"]), 0, asdict(ae.PRESETS["tiny"]))
+    weights = paper_check.write_text_checkpoint(tmp_path / "clip.pt", paper_check.TOY_TEXT)
+    (tmp_path / "wide.json").write_text(json.dumps({**TINY_TEXT_CONFIG, "vision_cfg": {}}))
+    stage_fails(content, ["--ae", str(ae_run), "--out", str(out), "--text", str(tmp_path / "wide.json"),
+                          "--text-weights", str(weights)], capsys, "another model")
+    assert not out.exists()
 
 
 # ==================================================================================================
