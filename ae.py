@@ -211,7 +211,9 @@ class FrameSpace:
         if sd:
             from diffusers import AutoencoderKL
             check_sd_folder(sd, ("vae",))
-            self.vae = AutoencoderKL.from_pretrained(sd, subfolder="vae").to(device).eval().requires_grad_(False)
+            # low_cpu_mem_usage=False: the plain load, without diffusers' advice to install accelerate
+            vae = AutoencoderKL.from_pretrained(sd, subfolder="vae", low_cpu_mem_usage=False)
+            self.vae = vae.to(device).eval().requires_grad_(False)
 
     @torch.no_grad()
     def encode(self, video):  # pixels (b, L, 3, H, W) in [-1, 1] -> frames (b, L, C, H', W')

@@ -445,7 +445,7 @@ def load_sd_unet(path_or_id):
     """
     check_sd_folder(path_or_id, ("unet", "scheduler"))
     try:
-        unet = UNet2DConditionModel.from_pretrained(path_or_id, subfolder="unet")
+        unet = UNet2DConditionModel.from_pretrained(path_or_id, subfolder="unet", low_cpu_mem_usage=False)
         config = DDIMScheduler.load_config(path_or_id, subfolder="scheduler")
     except OSError as e:
         where = "local folder" if os.path.isdir(path_or_id) else "no local folder; Hugging Face hub"

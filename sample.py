@@ -1,14 +1,10 @@
 """Stage 4 of CMD: sampling, text -> video (arXiv 2403.14148, Algorithm 1 in App. E).
 
-`generate` below is the paper's Algorithm 1, in five steps:
-  1. the prompt's text features, and those of "" for classifier-free guidance,
-  2. text -> content frame x̄_0: DDIM with guidance on the content UNet (content.py; the
-     paper: 50 steps, eta = 0, App. B.4),
-  3. (text, x̄_0) -> motion latent z_0: DDIM with guidance on the motion DiT (motion.py);
-     guidance drops only the text, both branches see x̄_0,
-  4. the AE decoder rebuilds the frames from (x̄_0, z_0) (ae.py),
-  5. the SD VAE decodes them to pixels (paper preset; the tiny preset works in pixels).
-The rest of the file writes <out>/<prompt>-<seed>.mp4 / .gif and the content frame as .png.
+`generate` below is the paper's Algorithm 1 in five numbered steps: text features, the content
+frame by guided DDIM on the content UNet (content.py; the paper: 50 steps, eta = 0, App. B.4), the
+motion latent by guided DDIM on the motion DiT given that content frame (motion.py), the AE decoder
+(ae.py), and the SD VAE decoder to pixels (paper preset). The rest of the file writes
+<out>/<prompt>-<seed>.mp4 / .gif and the content frame as .png.
 
 All three stages load from one run directory (ae.*, content.*, motion.*, text_encoder.*).
 With no --run, the tiny shapes checkpoint shipped with the repo (checkpoints/shapes-tiny).
@@ -16,10 +12,11 @@ With no --run, the tiny shapes checkpoint shipped with the repo (checkpoints/sha
     python sample.py "a red circle moving left on a dark background"
     python sample.py "a blue square growing on a light background" --run runs/tiny --num 4 --seed 1
     python sample.py --prompts prompts.txt --format gif     # one prompt a line
+    python sample.py "a green square moving up" --image picture.png          # image-to-video
+    python sample.py "a green triangle moving left" --motion-from clip.mp4   # motion transfer
     python sample.py "a corgi running on the beach" --run runs/paper --device cuda   # paper scale, bf16
 
-Measuring the method lives in tools/: `python tools/evaluate.py --shapes 200` (does the video
-follow the prompt?) and `python tools/bench.py` (the paper's cost tables).
+Measuring the method lives in tools/: evaluate.py (FVD, CLIPSIM, the shapes world) and bench.py.
 """
 import argparse
 import re
@@ -27,11 +24,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ae import Autoencoder, FrameSpace, load_ae
 from content import Diffusion, TextEncoder, load_content, unet_model_fn
-from data import fail, parse_resolution, video_to_uint8, write_image, write_video
+from data import (fail, parse_resolution, read_clip, resize_cover, uint8_to_video, video_to_uint8, write_image,
+                  write_video)
 from motion import MotionDiT, dit_model_fn, load_motion, shapes_from
 
 DEFAULT_RUN = Path(__file__).parent / "checkpoints" / "shapes-tiny"
@@ -53,8 +53,13 @@ class Models:
 
 
 @torch.no_grad()
-def generate(models, prompts, steps=50, cfg_content=None, cfg_motion=None, generator=None, progress=True):
-    """Algorithm 1: prompts -> (videos (B, L, 3, H, W), content frames (B, 3, H, W)), pixels in [-1, 1]."""
+def generate(models, prompts, steps=50, cfg_content=None, cfg_motion=None, generator=None, progress=True,
+             content_frame=None, motion_latent=None):
+    """Algorithm 1: prompts -> (videos (B, L, 3, H, W), content frames (B, 3, H, W)), pixels in [-1, 1].
+
+    The decomposition lets either half come from elsewhere: a given content frame (1, C, H, W), e.g.
+    a picture (image-to-video), skips step 2; a given motion latent (1, L, H' + W', D), e.g. another
+    video's (motion transfer), skips step 3."""
     n = len(prompts)
     cfg_content = models.cfg_content if cfg_content is None else cfg_content
     cfg_motion = models.cfg_motion if cfg_motion is None else cfg_motion
@@ -65,14 +70,18 @@ def generate(models, prompts, steps=50, cfg_content=None, cfg_motion=None, gener
     tokens, pooled = models.text_encoder(prompts)
     null_tokens, null_pooled = models.text_encoder([""] * n)
     # 2. content frame x̄_0 from x̄_T ~ N(0, I): guided DDIM on the content UNet
-    content_frame = models.content_diffusion.ddim_sample(
-        unet_model_fn(models.unet), content_shape, tokens, null_tokens,
-        steps=steps, cfg_scale=cfg_content, generator=generator, progress=progress, desc="content")
+    if content_frame is None:
+        content_frame = models.content_diffusion.ddim_sample(
+            unet_model_fn(models.unet), content_shape, tokens, null_tokens,
+            steps=steps, cfg_scale=cfg_content, generator=generator, progress=progress, desc="content")
+    content_frame = content_frame.expand(content_shape)
     # 3. motion latent z_0 (n, L, H' + W', D) from z_T ~ N(0, I): guided DDIM on the DiT; both branches see x̄_0
-    motion_latent = models.motion_diffusion.ddim_sample(
-        dit_model_fn(models.dit), motion_shape,
-        (content_frame, tokens, pooled), (content_frame, null_tokens, null_pooled),
-        steps=steps, cfg_scale=cfg_motion, generator=generator, progress=progress, desc="motion")
+    if motion_latent is None:
+        motion_latent = models.motion_diffusion.ddim_sample(
+            dit_model_fn(models.dit), motion_shape,
+            (content_frame, tokens, pooled), (content_frame, null_tokens, null_pooled),
+            steps=steps, cfg_scale=cfg_motion, generator=generator, progress=progress, desc="motion")
+    motion_latent = motion_latent.expand(motion_shape)
     # 4. the AE decoder: x = g(x̄_0, z_0), 16 frames in frame space
     frames = models.ae.decode(content_frame, motion_latent)
     # 5. frame space -> pixels (SD VAE decoder, frame by frame; identity for pixel frames)
@@ -89,6 +98,26 @@ def load_models(run_dir, device="cpu", resolution=None):
     check_fit(run_dir, ae.config, text_encoder, unet.config, dit.config)
     return Models(text_encoder, unet, content_diffusion, dit, motion_diffusion, ae, frame_space,
                   content_config.cfg_scale, motion_config["cfg_scale"])
+
+
+@torch.no_grad()
+def content_frame_of_image(models, path, device):
+    """A picture -> its content frame (1, C, H, W): resized to cover the video size and centre-cropped
+    as training clips are, then through the SD VAE (paper preset); a pixel frame as it is (tiny)."""
+    try:
+        image = np.asarray(Image.open(path).convert("RGB"))
+    except (OSError, ValueError) as e:  # missing, not an image, truncated
+        raise ValueError(f"cannot read --image {path}: {e}") from e
+    frame = resize_cover(uint8_to_video(image[None]), models.ae.config.video_size)  # (1, 3, H, W)
+    return models.frame_space.encode(frame[None].to(device))[:, 0]
+
+
+@torch.no_grad()
+def motion_latent_of_video(models, path, device):
+    """A clip's first L frames -> their motion latent (1, L, H' + W', D), by the AE's encoder."""
+    clip = read_clip(path, models.ae.config.frames, start=0)  # VideoError if unreadable or too short
+    video = resize_cover(uint8_to_video(clip), models.ae.config.video_size)[None].to(device)
+    return models.ae.encode(models.frame_space.encode(video))[1]
 
 
 def check_fit(run_dir, ae_config, text_encoder, unet_config, dit_config):
@@ -174,6 +203,10 @@ def main(argv=None):
     parser.add_argument("prompt", nargs="?", help="what the video shows")
     parser.add_argument("--prompts", help="a text file, one prompt a line")
     add_sampling_args(parser, steps=50)
+    parser.add_argument("--image", help="image-to-video: this picture is the content frame; only the motion is "
+                                        "sampled")
+    parser.add_argument("--motion-from", metavar="VIDEO", help="motion transfer: the motion latent of this clip's "
+                                                               "first frames, a new content frame from the prompt")
     parser.add_argument("--num", type=int, default=1, help="videos per prompt, in one batch")
     parser.add_argument("--out", default="samples", help="output folder")
     parser.add_argument("--format", default="both", choices=("mp4", "gif", "both"))
@@ -194,13 +227,19 @@ def main(argv=None):
     except OSError as e:
         fail(f"cannot write to --out {out} ({e.strerror or e}): pick a folder you can write to")
     models = load_run(args.run, device, args.resolution)
+    try:
+        content_frame = content_frame_of_image(models, args.image, device) if args.image else None
+        motion_latent = motion_latent_of_video(models, args.motion_from, device) if args.motion_from else None
+    except ValueError as e:  # an unreadable picture or clip (VideoError), a clip of too few frames
+        fail(e)
     formats = {"mp4": [".mp4"], "gif": [".gif"], "both": [".mp4", ".gif"]}[args.format]
     for prompt in prompts:
         # One generator per prompt, seeded alike: a prompt gives the same videos wherever it is in the file.
         generator = torch.Generator(device).manual_seed(args.seed)
         with autocast_for(device, args.dtype):
             videos, content_images = generate(models, [prompt] * args.num, args.steps, args.cfg_content,
-                                              args.cfg_motion, generator)
+                                              args.cfg_motion, generator, content_frame=content_frame,
+                                              motion_latent=motion_latent)
         save(videos, content_images, out / f"{slug(prompt)}-{args.seed}", formats, args.fps)
 
 

@@ -1183,6 +1183,45 @@ def test_same_seed_same_video(run_dir):
     assert not torch.equal(first, generate(1))
 
 
+def test_given_content_frame_or_motion_latent_skips_that_diffusion(run_dir):
+    models = sample.load_models(run_dir, "cpu")
+    torch.manual_seed(0)
+    content_frame, motion_latent = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 16, 16, 8) * 2 - 1
+    both = sample.generate(models, ["a red circle", "a red circle"], 2, content_frame=content_frame,
+                           motion_latent=motion_latent, progress=False)[0]
+    decoded = models.ae.decode(content_frame, motion_latent).clamp(-1, 1)  # no diffusion left: the decoder
+    torch.testing.assert_close(both, decoded.expand(2, -1, -1, -1, -1))
+    image_to_video = sample.generate(models, ["a red circle"], 2, content_frame=content_frame, progress=False)
+    torch.testing.assert_close(image_to_video[1], content_frame.clamp(-1, 1))  # the picture is the content frame
+    transfer = sample.generate(models, ["a red circle"], 2, motion_latent=motion_latent, progress=False,
+                               generator=torch.Generator().manual_seed(0))
+    assert transfer[0].shape == (1, 16, 3, 32, 32) and not torch.equal(transfer[0], both[:1])
+
+
+def test_image_to_video_and_motion_transfer_from_files(run_dir, tmp_path, capsys):
+    picture = np.zeros((40, 60, 3), np.uint8)
+    picture[:, 5:55] = (220, 40, 40)  # a red band: resized to cover 32x32 and centre-cropped, all red
+    Image.fromarray(picture).save(tmp_path / "picture.png")
+    sample.main(["a red square", "--image", str(tmp_path / "picture.png"), "--run", str(run_dir), "--steps", "2",
+                 "--out", str(tmp_path / "out"), "--format", "mp4"])
+    assert data.read_video(tmp_path / "out" / "a-red-square-0.mp4").shape == (16, 32, 32, 3)
+    content_image = np.asarray(Image.open(tmp_path / "out" / "a-red-square-0.png")).astype(int)
+    assert content_image.shape == (32, 32, 3) and np.abs(content_image - (220, 40, 40)).max() <= 2
+    clip = np.stack([data.render_shapes(data.ShapesDataset(seed=3).attributes(0), frames=20)])[0]
+    data.write_video(tmp_path / "clip.mp4", clip)
+    sample.main(["a green triangle", "--motion-from", str(tmp_path / "clip.mp4"), "--run", str(run_dir),
+                 "--steps", "2", "--out", str(tmp_path / "out"), "--format", "gif"])
+    assert data.read_video(tmp_path / "out" / "a-green-triangle-0.gif").shape == (16, 32, 32, 3)
+    (tmp_path / "not-a-picture.png").write_text("text")
+    data.write_video(tmp_path / "short.mp4", clip[:8])
+    capsys.readouterr()  # the progress bars so far
+    for flag, path, words in [("--image", "missing.png", ["cannot read --image", "missing.png"]),
+                              ("--image", "not-a-picture.png", ["cannot read --image"]),
+                              ("--motion-from", "short.mp4", ["short.mp4", "8 frames"])]:
+        fails_with(["a red circle", flag, str(tmp_path / path), "--run", str(run_dir), "--out", str(tmp_path)],
+                   capsys, *words)
+
+
 def test_detector_reads_real_videos():
     """The detector's own error rate, on videos drawn by data.py: both splits, all backgrounds."""
     truth, found = [], []
@@ -1216,6 +1255,16 @@ def test_eval_shapes_prints_table_and_json(run_dir, capsys):
     assert summary["real_color_acc"] == summary["real_shape_acc"] == summary["real_motion_acc"] == 1.0
     assert all(0 <= summary[k] <= 1 for k in ("color_acc", "shape_acc", "motion_acc", "ae_motion_acc"))
     assert any(line.startswith("| real videos | 4 |") for line in lines)
+
+
+def test_motion_transfer_evaluation_prints_table_and_json(run_dir, capsys):
+    evaluate.main(["--motion-transfer", "3", "--steps", "2", "--run", str(run_dir)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["n"] == 3 and all(0 <= summary[k] <= 1 for k in ("color_is_prompts", "color_is_sources",
+                                                                     "shape_is_prompts", "motion_is_sources"))
+    assert summary["color_is_prompts"] + summary["color_is_sources"] <= 1  # the two colours always differ
+    assert any(line.startswith("| as the prompt asks | 3 |") for line in lines)
 
 
 # --- bad input: one line on stderr, exit status 2 ------------------------------------------
@@ -1339,6 +1388,7 @@ def test_paper_path_end_to_end(tmp_path):
                                       env={**os.environ, "HF_HUB_OFFLINE": "1"}))  # no hub: fail fast
         assert outputs[-1].returncode == 0, outputs[-1].stderr[-3000:]
     assert "corrupt.mp4" in outputs[0].stderr and "skipped 1 unreadable" in outputs[0].stdout
+    assert "held-out captions a blob drifting, clip" in outputs[1].stdout  # a caption with a comma, whole
     video = data.read_video(tmp_path / "samples" / "a-blob-drifting-0.mp4")
     assert video.shape == (16, 64, 128, 3)  # 16 frames, height:width = 1:2
     run = tmp_path / "runs" / "paper"

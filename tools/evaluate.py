@@ -49,7 +49,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 import sample  # noqa: E402
-from tools.shapes import evaluate_shapes  # noqa: E402
+from tools.shapes import evaluate_motion_transfer, evaluate_shapes  # noqa: E402
 
 FRAMES = 16      # frames per video the I3D sees
 I3D_SIZE = 224   # side of the I3D's input
@@ -310,7 +310,13 @@ def parse_args(argv):
                          help="open_clip model name (default ViT-B-32; OpenAI's weights: ViT-B-32-quickgelu)")
     shapes = parser.add_argument_group("the shapes world")
     shapes.add_argument("--shapes", type=int, metavar="N", help="score N generated shapes videos (tools/shapes.py)")
+    shapes.add_argument("--motion-transfer", type=int, metavar="N",
+                        help="score N shapes videos re-dressed by a prompt with a real video's motion")
     args = parser.parse_args(argv)
+    if args.motion_transfer is not None:
+        if args.motion_transfer < 1 or args.shapes or args.i3d or args.clip_weights or args.videos or args.data:
+            parser.error("--motion-transfer N (N > 0) takes a --run, and no other metric or data")
+        return args
     if args.shapes is not None:
         if args.shapes < 1 or any((args.videos, args.data, args.prompts, args.clip_weights, args.real_features)):
             parser.error("--shapes N (N > 0) takes a --run and optionally --i3d; not --videos, --data, --prompts, "
@@ -340,7 +346,13 @@ def main(argv=None):
         data.fail("--device cuda, but PyTorch sees no CUDA GPU: use --device cpu")
     start = time.time()
     try:
-        result = run_shapes(args, device) if args.shapes else evaluate(args, device)
+        if args.motion_transfer:
+            models = sample.load_run(args.run, device, args.resolution)
+            result = evaluate_motion_transfer(models, args.motion_transfer, args.steps or 25, args.cfg_content,
+                                              torch.Generator(device).manual_seed(args.seed),
+                                              sample.autocast_for(device, args.dtype), device, args.batch_size)
+        else:
+            result = run_shapes(args, device) if args.shapes else evaluate(args, device)
     except (InputError, data.VideoError) as e:
         data.fail(e)
     print(json.dumps({**result, "seconds": round(time.time() - start, 1)}))  # the last line of stdout
@@ -351,7 +363,7 @@ def run_shapes(args, device):
     against the real videos of the same captions."""
     detector = load_i3d(args.i3d, device) if args.i3d else None
     models = sample.load_run(args.run, device, args.resolution)
-    steps = args.steps or 25  # 25, not 50: --shapes 200 then takes minutes on a CPU
+    steps = args.steps or 25  # 25, not 50: the shapes world's videos are simple
     summary, videos = evaluate_shapes(models, args.shapes, steps, args.cfg_content, args.cfg_motion,
                                       torch.Generator(device).manual_seed(args.seed),
                                       sample.autocast_for(device, args.dtype), device, args.batch_size)

@@ -16,6 +16,7 @@ classifier-free guidance. The last line is JSON.
 --toy uses tiny widths (the same classes and block types) and 64x128 videos: what the tests run.
 """
 import argparse
+import csv
 import json
 import sys
 import tempfile
@@ -89,13 +90,14 @@ def write_clips(folder, size, count=4, frames=20, seed=0):
 
 
 def write_csv(path, rows):
-    """A --data CSV of (video path, caption) rows."""
-    Path(path).write_text("path,caption\n" + "".join(f"{video},{caption}\n" for video, caption in rows))
+    """A --data CSV of (video path, caption) rows; captions may hold commas (csv quotes them)."""
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([("path", "caption"), *rows])
     return Path(path)
 
 
 def peak_gb(device):
-    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
 
 
 def main(argv=None):
@@ -120,10 +122,11 @@ def main(argv=None):
         (work / "text.json").write_text(json.dumps(TOY_TEXT))
         text += ["--text", str(work / "text.json")]
     clips = write_clips(work, resolution)
-    csv = write_csv(work / "videos.csv", [(p.name, f"a colour blob drifting, clip {k}") for k, p in enumerate(clips)])
+    listing = write_csv(work / "videos.csv", [(path.name, f"a colour blob drifting, clip {k}")
+                                              for k, path in enumerate(clips)])
     print(f"random SD 2.1-base, text tower and {len(clips)} clips in {work} ({time.perf_counter() - start:.0f} s)")
     run = work / "run"
-    common = ["--preset", "paper", "--data", str(csv), "--out", str(run), "--steps", str(args.steps),
+    common = ["--preset", "paper", "--data", str(listing), "--out", str(run), "--steps", str(args.steps),
               "--batch-size", "1", "--grad-accum", "1", "--grad-checkpointing", "--val-fraction", "0.25"]
     stages = {"ae": (ae, ["--sd", str(sd), "--resolution", "x".join(map(str, resolution))]),
               "content": (content, ["--sd", str(sd), *text]),

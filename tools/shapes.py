@@ -170,3 +170,39 @@ def evaluate_shapes(models, n, steps, cfg_content, cfg_motion, generator, autoca
         print(f"| {name} | {len(truth)} | " + " | ".join(f"{x:.3f}" for x in scores) + " |")
         summary.update({f"{prefix}{k}_acc": x for k, x in zip(("color", "shape", "motion"), scores)})
     return summary, {"generated": videos["generated"], "real": videos["real"]}
+
+
+@torch.no_grad()
+def evaluate_motion_transfer(models, n, steps, cfg_content, generator, autocast, device, batch_size=16):
+    """Motion transfer on the shapes world: the motion latent of a real video (the AE's encoder) with a
+    content frame generated for a prompt of the same motion but another colour and shape. Prints a
+    table; returns its numbers: a transfer that works shows the prompt's colour and shape and the
+    source's motion, one that does not carries the source's colour or shape along."""
+    targets = eval_specs(n)
+    rng = random.Random(1)
+    sources = [(rng.choice([c for c in COLORS if c != colour]),
+                rng.choice([s for s in SHAPES if s != shape and (s, motion) != ("circle", "rotating")]), motion, bg)
+               for colour, shape, motion, bg in targets]
+    attributes = real_attributes(sources)
+    prompts = [caption_for({"background": bg, "shapes": [{"color": c, "shape": s, "motion": m}]})
+               for c, s, m, bg in targets]
+    ae, frame_space = models.ae, models.frame_space
+    found = []
+    for i in tqdm(range(0, n, batch_size), desc=f"motion transfer ({batch_size} videos a batch)"):
+        real = np.stack([render_shapes(x, ae.config.video_size[0], ae.config.frames)
+                         for x in attributes[i:i + batch_size]])
+        with autocast:
+            motion_latent = ae.encode(frame_space.encode(uint8_to_video(real).to(device)))[1]
+            generated, _ = generate(models, prompts[i:i + batch_size], steps, cfg_content, None, generator,
+                                    progress=False, motion_latent=motion_latent)
+        found += [detect(video) for video in video_to_uint8(generated)]
+    summary = {"n": n, "steps": steps,
+               "color_is_prompts": accuracy(found, targets)[0], "color_is_sources": accuracy(found, sources)[0],
+               "shape_is_prompts": accuracy(found, targets)[1], "shape_is_sources": accuracy(found, sources)[1],
+               "motion_is_sources": accuracy(found, sources)[2]}
+    print("| motion transfer | n | colour | shape | motion |\n|---|---|---|---|---|")
+    print(f"| as the prompt asks | {n} | {summary['color_is_prompts']:.3f} | {summary['shape_is_prompts']:.3f} | "
+          f"{summary['motion_is_sources']:.3f} |")
+    print(f"| as the source video's | {n} | {summary['color_is_sources']:.3f} | {summary['shape_is_sources']:.3f} | "
+          f"{summary['motion_is_sources']:.3f} |")
+    return summary
