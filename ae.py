@@ -307,7 +307,7 @@ def main(argv=None):
                         help="Stable Diffusion folder or hub id: its VAE is the frame space")
     parser.add_argument("--resolution", type=parse_resolution, help="HEIGHTxWIDTH of the videos, in pixels")
     add_training_args(parser)
-    args = parse_stage_args(parser, DEFAULTS, argv)
+    args = parse_stage_args(parser, "ae", DEFAULTS, argv)
     try:
         config = config_at(replace(PRESETS[args.preset], sd=args.sd or PRESETS[args.preset].sd), args.resolution)
     except ValueError as e:

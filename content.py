@@ -376,7 +376,7 @@ def main(argv=None):
                                                                     "(training takes the AE's)")
     add_latent_args(parser)
     add_training_args(parser)
-    args = parse_stage_args(parser, DEFAULTS, argv)
+    args = parse_stage_args(parser, "content", DEFAULTS, argv)
     preset = PRESETS[args.preset]
     config = replace(preset, sd=args.sd or preset.sd, text=args.text or preset.text)
     if args.flops:  # on `meta`, at the AE preset's frame shape for --resolution: no run needed

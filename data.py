@@ -550,6 +550,7 @@ def report_loading_speed(dataset, n=8):
     print(f"data: {rate:.1f} clips/s decoded and resized by one process (timed on {n} clips)")
     return rate
 
+
 # ------------------------------------------------------------------ the training harness
 # Written once, used by ae.py, content.py and motion.py: each stage builds its model and a
 # `loss_fn(model, batch) -> loss`, then calls train().
@@ -614,7 +615,7 @@ def add_training_args(parser):
     optim.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory")
 
 
-def parse_stage_args(parser, defaults, argv=None):
+def parse_stage_args(parser, stage, defaults, argv=None):
     """Parse a stage's flags: --preset first, then that preset's row of `defaults` fills every flag
     the command line left out. --help lists every preset's row."""
     parser.epilog = "defaults per --preset (DEFAULTS in the stage's file says where each comes from):\n" + "\n".join(
@@ -631,10 +632,26 @@ def parse_stage_args(parser, defaults, argv=None):
     positive = {name: getattr(args, name) for name in ("steps", "batch_size", "grad_accum", "every", "stride")}
     if any(value < 1 for value in positive.values()):
         parser.error(f"these want positive numbers: {positive}")
+    if not args.flops:
+        try:
+            check_run_dir(args.out, stage, args.resume)
+        except (FileExistsError, FileNotFoundError) as e:
+            fail(e)
     if args.minutes < 0 or not 0 < args.val_fraction < 1:
         parser.error("--minutes wants >= 0 (0: no limit) and --val-fraction a share in (0, 1): every run validates "
                      "(--val-data gives it a listing of its own)")
     return args
+
+
+def check_run_dir(run_dir, stage, resume):
+    """A new run must not overwrite a finished one, and --resume needs a checkpoint to go on from."""
+    checkpoint = Path(run_dir) / f"{stage}-train.json"
+    if not resume and (Path(run_dir) / f"{stage}.json").exists():
+        raise FileExistsError(f"{run_dir} already holds this stage's run ({stage}.json): pass --resume to "
+                              "continue it, or --out to start a new one")
+    if resume and not checkpoint.exists():
+        raise FileNotFoundError(f"--resume, but {run_dir} holds no {stage} checkpoint ({checkpoint.name}) "
+                                "to continue from: leave out --resume to start")
 
 
 def setup_distributed():
@@ -761,9 +778,7 @@ def train(stage, model, loss_fn, dataset, args, config, evaluate=None):
     """
     rank, world, device = setup_distributed()
     run_dir = Path(args.out)
-    if not args.resume and (run_dir / f"{stage}.json").exists():
-        raise FileExistsError(f"{run_dir} already holds a {stage} run: pass --resume to continue it, "
-                              "or --out to start a new one")
+    check_run_dir(run_dir, stage, args.resume)
     torch.manual_seed(args.seed + rank)  # noise and timesteps differ per rank; weights are synced by DDP
     model.to(device)
     if args.grad_checkpointing:

@@ -360,7 +360,7 @@ def main(argv=None):
     parser.add_argument("--cfg-scale", type=float, default=3.0, help="guidance of the samples written at the end")
     add_latent_args(parser)
     add_training_args(parser)
-    args = parse_stage_args(parser, DEFAULTS, argv)
+    args = parse_stage_args(parser, "motion", DEFAULTS, argv)
     preset = CONTENT_PRESETS[args.preset]
     text_config = replace(preset, text=args.text or preset.text)
     if args.flops:  # on `meta`, at --resolution, the text widths of the preset's encoder: no run needed

@@ -1269,9 +1269,10 @@ def test_motion_transfer_evaluation_prints_table_and_json(run_dir, capsys):
 
 # --- bad input: one line on stderr, exit status 2 ------------------------------------------
 
-def fails_with(argv, capsys, *words):
+def fails_with(argv, capsys, *words, stage=sample):
+    """`python <stage>.py argv` gives one line on stderr naming the problem and exit status 2."""
     with pytest.raises(SystemExit) as e:
-        sample.main(argv)
+        stage.main(argv)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "error" in err, err
     for word in words:
@@ -1397,36 +1398,36 @@ def test_paper_path_end_to_end(tmp_path):
     assert motion.load_motion(run)[0].config.frame_height == 8
 
 
-def stage_fails(stage, argv, capsys, *words):
-    """`python <stage>.py argv` gives one line on stderr naming the problem and exit status 2."""
-    with pytest.raises(SystemExit) as e:
-        stage.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "error" in err, err
-    for word in words:
-        assert word in err, err
+def test_a_finished_run_is_not_overwritten_and_resume_needs_a_checkpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", sys.argv)  # restored after the test
+    run_stage_one_step(ae, tmp_path / "run")
+    capsys.readouterr()
+    fails_with(["--out", str(tmp_path / "run"), "--steps", "1"], capsys, "already holds", "ae.json", "--resume",
+               stage=ae)
+    fails_with(["--out", str(tmp_path / "empty"), "--resume"], capsys, "no ae checkpoint", stage=ae)
 
 
 def test_bad_paper_input_is_one_line_before_any_run_directory(tmp_path, capsys):
     out = tmp_path / "run"
     paper = ["--preset", "paper", "--out", str(out)]
-    stage_fails(ae, paper, capsys, "pass --data")
+    fails_with(paper, capsys, "pass --data", stage=ae)
     (tmp_path / "a.mp4").write_bytes(b"not a video")
     (tmp_path / "b.mp4").write_bytes(b"")
     bad_csv = paper_check.write_csv(tmp_path / "bad.csv", [("a.mp4", "one"), ("b.mp4", "two"), ("c.mp4", "three")])
-    stage_fails(ae, [*paper, "--data", str(bad_csv), "--resolution", "100x200"], capsys, "multiples of 16", "96x192")
+    fails_with([*paper, "--data", str(bad_csv), "--resolution", "100x200"], capsys, "multiples of 16", "96x192",
+               stage=ae)
     (tmp_path / "not-sd").mkdir()
-    stage_fails(ae, [*paper, "--data", str(bad_csv), "--sd", str(tmp_path / "not-sd")], capsys,
-                "not a Stable Diffusion folder")
-    stage_fails(ae, ["--data", str(bad_csv), "--out", str(out)], capsys, "no usable video", "bad.csv")
+    fails_with([*paper, "--data", str(bad_csv), "--sd", str(tmp_path / "not-sd")], capsys,
+               "not a Stable Diffusion folder", stage=ae)
+    fails_with(["--data", str(bad_csv), "--out", str(out)], capsys, "no usable video", "bad.csv", stage=ae)
     # text weights of another model: a 32-wide tower where the config asks for 64
     ae_run = tmp_path / "ae-run"
     ae_run.mkdir()
     data.save_stage(ae_run, "ae", ae.Autoencoder(ae.PRESETS["tiny"]), 0, asdict(ae.PRESETS["tiny"]))
     weights = paper_check.write_text_checkpoint(tmp_path / "clip.pt", paper_check.TOY_TEXT)
     (tmp_path / "wide.json").write_text(json.dumps({**TINY_TEXT_CONFIG, "vision_cfg": {}}))
-    stage_fails(content, ["--ae", str(ae_run), "--out", str(out), "--text", str(tmp_path / "wide.json"),
-                          "--text-weights", str(weights)], capsys, "another model")
+    fails_with(["--ae", str(ae_run), "--out", str(out), "--text", str(tmp_path / "wide.json"),
+                "--text-weights", str(weights)], capsys, "another model", stage=content)
     assert not out.exists()
 
 
