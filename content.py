@@ -333,7 +333,7 @@ PRESETS = {
 DEFAULTS = {
     # Chosen on a 2-core CPU for the shapes world (README): ~10 minutes with the latent cache. No weight
     # averaging: a run this short improves faster than an average of its recent weights.
-    "tiny": dict(resolution=(32, 32), data="shapes", cache=True, steps=2200, batch_size=32, grad_accum=1, lr=1e-3,
+    "tiny": dict(resolution=(32, 32), data="shapes", cache=True, steps=1600, batch_size=32, grad_accum=1, lr=1e-3,
                  warmup=0, betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, ema_decay=0.0, every=500),
     # Fine-tuning SD 2.x in full, as is common practice (the release has no SD fine-tuning): lr 1e-5
     # after 500 warm-up steps, AdamW betas (0.9, 0.999), weight decay 1e-2, gradient clip 1, EMA 0.9999;

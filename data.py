@@ -240,7 +240,11 @@ HELDOUT_COMBOS = (("red", "triangle", "up"), ("blue", "circle", "growing"),
                   ("green", "square", "left"), ("yellow", "triangle", "rotating"))
 
 # Geometry, in fractions of the frame side, so attributes render at any size and length.
-TRAVEL = 1 / 3    # distance a moving shape covers over the clip
+TRAVEL = 1 / 4    # distance a moving shape covers over the clip
+# Radius range by the number of shapes in a video. One shape is drawn large, so that at 32x32 its
+# outline (circle, square or triangle) weighs in the loss as much as its colour; two shapes stay
+# small enough to pass each other.
+RADII = {1: (0.17, 0.21), 2: (0.10, 0.15)}
 SCALES = {"growing": (0.7, 1.4), "shrinking": (1.4, 0.7)}  # radius multiplier, first -> last frame
 TURN = np.pi / 2  # angle a rotating shape turns over the clip
 POLYGONS = {"square": (4, 0.8), "triangle": (3, 0.7)}  # (sides, apothem / radius); a circle's radius is 1
@@ -265,7 +269,7 @@ def _overlap(a, b):
     return bool(np.any(np.hypot(ax - bx, ay - by) < EXTENT * (ar + br)))
 
 
-def _sample_shape(rng, split):
+def _sample_shape(rng, split, radii):
     def pick(options):
         return options[rng.integers(len(options))]
 
@@ -278,7 +282,7 @@ def _sample_shape(rng, split):
             continue  # a rotating circle would look still
         if split == "train" and (color, shape, motion) in HELDOUT_COMBOS:
             continue
-        radius = rng.uniform(0.10, 0.15)
+        radius = rng.uniform(*radii)
         # the start is drawn so that the whole path stays MARGIN inside the frame
         reach = MARGIN + EXTENT * radius * max(SCALES.get(motion, (1, 1)))
         dx, dy = DIRECTIONS.get(motion, (0, 0))
@@ -292,7 +296,7 @@ def _sample_attributes(rng, max_shapes, split):
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     n = 1 if split == "heldout" else rng.integers(1, max_shapes + 1)
     while True:  # two shapes must differ in colour and never touch; redraw both until they do
-        shapes = [_sample_shape(rng, split) for _ in range(n)]
+        shapes = [_sample_shape(rng, split, RADII[n]) for _ in range(n)]
         if n == 1 or (shapes[0]["color"] != shapes[1]["color"] and not _overlap(*shapes)):
             return {"background": background, "shapes": shapes}
 

@@ -67,15 +67,14 @@ class MotionConfig:
 
     def __post_init__(self):
         # A token must not straddle the height/width boundary of z, nor the frame edge.
-        wrong = [f"{what} ({self.frames}, {self.latent_h}, {self.latent_w}, {self.frame_height}x{self.frame_width})"
-                 for what, ok in (("patch_frames must divide frames", self.frames % self.patch_frames == 0),
-                                  ("patch_tokens must divide the motion latent's H' and W'",
-                                   self.latent_h % self.patch_tokens == 0 and self.latent_w % self.patch_tokens == 0),
-                                  ("content_patch must divide the content frame's height and width",
-                                   self.frame_height % self.content_patch == 0
-                                   and self.frame_width % self.content_patch == 0)) if not ok]
-        if wrong:
-            raise ValueError(f"motion DiT: {'; '.join(wrong)}: pick a --resolution that they divide")
+        if self.frames % self.patch_frames or (self.latent_h + self.latent_w) % self.patch_tokens \
+                or self.latent_h % self.patch_tokens:
+            raise ValueError(f"motion DiT: its {self.patch_frames} x {self.patch_tokens} patches must divide the "
+                             f"motion latent's {self.frames} frames and its H' = {self.latent_h}, "
+                             f"W' = {self.latent_w} tokens: pick a --resolution they divide")
+        if self.frame_height % self.content_patch or self.frame_width % self.content_patch:
+            raise ValueError(f"motion DiT: its content patch {self.content_patch} must divide the "
+                             f"{self.frame_height}x{self.frame_width} content frame: pick a --resolution it divides")
         assert self.hidden % self.heads == 0 and (self.hidden // self.heads) % 2 == 0
 
     def to_dict(self):
@@ -97,7 +96,9 @@ DIT_SIZES = {
 
 PRESETS = {
     # 32x32 pixel shapes videos; the AE's tiny preset gives z of 16 x (8 + 8) x 8.
-    "tiny": MotionConfig(**DIT_SIZES["tiny"]),
+    # Cross-attention to the text tokens: which way a shape moves is one word of the prompt ("left",
+    # "up"), and the small random text encoder's pooled feature carries it weakly.
+    "tiny": MotionConfig(cross_attention=True, **DIT_SIZES["tiny"]),
     # WebVid-10M text-to-video at 512x1024, frames as SD-2.1 latents 4x64x128. Paper:
     # DiT-XL/2 "for WebVid-10M" (Sec. 4.1); z of L x (H'+W') x D = 16 x (32+64) x 8
     # (Table 5); z patch 2 and content-frame patch 8 (Table 6); OpenCLIP ViT-H text,
@@ -336,7 +337,7 @@ def load_motion(run_dir, device="cpu", ae_config=None):
 # Training defaults per preset; the flags of data.add_training_args override them.
 DEFAULTS = {
     # Chosen on a 2-core CPU for the shapes world (README), with the latent cache.
-    "tiny": dict(resolution=(32, 32), data="shapes", cache=True, steps=1500, batch_size=32, grad_accum=1, lr=1e-3,
+    "tiny": dict(resolution=(32, 32), data="shapes", cache=True, steps=1600, batch_size=32, grad_accum=1, lr=1e-3,
                  warmup=0, betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, every=500),
     # The authors' release (NVlabs/CMD): AdamW lr 1e-4, no weight decay, EMA 0.9999, gradient clip 1,
     # global batch 256 (1 x 32 accumulated x 8 GPUs; one GPU: --grad-accum 256); betas are torch's
