@@ -52,7 +52,7 @@ class AEConfig:
 
 
 PRESETS = {
-    # 32x32 pixels, 8x8 tokens per frame, width 64: ~0.2 s per step of 8 videos on 2 CPU cores.
+    # 32x32 pixels, 8x8 tokens per frame, width 64: small enough to train on a laptop CPU.
     "tiny": AEConfig(),
     # The paper's Table 5 (WebVid, SD 2.1): 512x1024 videos through the SD VAE (4 x 64 x 128
     # latents), patch 2 -> 32 x 64 tokens per frame, width 384, D = 8, so the motion latent is
@@ -289,7 +289,7 @@ def print_costs(config, batch_size=1):
 
 # Training defaults per preset; the flags of data.add_training_args override them.
 DEFAULTS = {
-    # Chosen on a 2-core CPU for the shapes world (README, "Numbers").
+    # Chosen on a 2-core CPU for the shapes world (docs/results.md).
     "tiny": dict(resolution=(32, 32), data="shapes", steps=2400, batch_size=8, grad_accum=1, lr=2e-3, warmup=0,
                  betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, every=400),
     # The authors' release (NVlabs/CMD, train_ae.py): AdamW lr 1e-5, betas (0.5, 0.9), no weight decay,

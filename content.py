@@ -331,7 +331,7 @@ PRESETS = {
 
 # Training defaults per preset; the flags of data.add_training_args override them.
 DEFAULTS = {
-    # Chosen on a 2-core CPU for the shapes world (README): ~10 minutes with the latent cache. No weight
+    # Chosen on a 2-core CPU for the shapes world, with the latent cache (docs/results.md). No weight
     # averaging: a run this short improves faster than an average of its recent weights.
     "tiny": dict(resolution=(32, 32), data="shapes", cache=True, steps=1600, batch_size=32, grad_accum=1, lr=1e-3,
                  warmup=0, betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, ema_decay=0.0, every=500),

@@ -336,7 +336,7 @@ def load_motion(run_dir, device="cpu", ae_config=None):
 
 # Training defaults per preset; the flags of data.add_training_args override them.
 DEFAULTS = {
-    # Chosen on a 2-core CPU for the shapes world (README), with the latent cache.
+    # Chosen on a 2-core CPU for the shapes world, with the latent cache (docs/results.md).
     "tiny": dict(resolution=(32, 32), data="shapes", cache=True, steps=1600, batch_size=32, grad_accum=1, lr=1e-3,
                  warmup=0, betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, every=500),
     # The authors' release (NVlabs/CMD): AdamW lr 1e-4, no weight decay, EMA 0.9999, gradient clip 1,
