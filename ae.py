@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-from data import (add_training_args, count_flops, fail, first_items, load_stage, local_or_name, make_dataset,
-                  parse_resolution, parse_stage_args, report_loading_speed, setup_distributed, train, video_to_uint8,
-                  write_video)
+from data import (add_training_args, count_flops, fail, first_items, load_stage, local_or_name, parse_resolution,
+                  parse_stage_args, setup_distributed, train, train_and_val_videos, video_to_uint8, write_video)
 
 
 @dataclass
@@ -248,12 +247,12 @@ def config_at(config, resolution):
     itself, or its SD latents at 1/8 the size. Sides that the SD VAE's 8x and the AE's patches
     cannot divide are a ValueError that says which sizes work."""
     height, width = resolution
-    unit = (8 if config.sd else 1) * config.patch
+    factor = 8 if config.sd else 1
+    unit = factor * config.patch
     if height % unit or width % unit:
         near = f"{max(1, round(height / unit)) * unit}x{max(1, round(width / unit)) * unit}"
         raise ValueError(f"--resolution {height}x{width}: both sides must be multiples of {unit} (the AE's patch "
                          f"{config.patch}{' times the SD VAE’s 8x' if config.sd else ''}); {near} would do")
-    factor = 8 if config.sd else 1
     return replace(config, height=height // factor, width=width // factor)
 
 
@@ -321,10 +320,7 @@ def main(argv=None):
     try:
         rank, _, device = setup_distributed()
         frame_space = FrameSpace(config.sd, device)
-        dataset, val_set = (make_dataset(args.data, frames=config.frames, size=config.video_size, stride=args.stride,
-                                         seed=args.seed, split=split, val_fraction=args.val_fraction,
-                                         val_data=args.val_data) for split in ("train", "val"))
-        report_loading_speed(dataset)  # reads clips: a listing of unreadable files fails now
+        dataset, val_set = train_and_val_videos(args, config.frames, config.video_size)
         val_videos = first_items(val_set, 32)[0]
     except (OSError, ValueError, RuntimeError) as e:
         fail(e)

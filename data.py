@@ -938,16 +938,23 @@ def encode_videos(ae, frame_space, batch):
     return content_frame, motion_latent, captions
 
 
+def train_and_val_videos(args, frames, size):
+    """--data's training videos and its held-out ones (make_dataset's "train" and "val"). A few clips
+    are read to report the loading speed, so a listing of unreadable files fails here, not in training."""
+    video = dict(frames=frames, size=size, stride=args.stride, seed=args.seed, val_fraction=args.val_fraction,
+                 val_data=args.val_data)
+    dataset, val_set = (make_dataset(args.data, split=split, **video) for split in ("train", "val"))
+    report_loading_speed(dataset)
+    return dataset, val_set
+
+
 @torch.no_grad()
 def latent_data(args, ae, frame_space, device, val_videos=32):
     """Stage 2 and 3's data: the training videos of --data (or, with --cache, their content frames
     and motion latents) and a fixed held-out batch, encoded once: (content frames, motion latents,
     captions). Unreadable listings fail here, before training starts."""
-    video = dict(frames=ae.config.frames, size=ae.config.video_size, stride=args.stride, seed=args.seed,
-                 val_fraction=args.val_fraction, val_data=args.val_data)
-    dataset = make_dataset(args.data, **video)
-    report_loading_speed(dataset)  # reads clips: a listing of unreadable files fails now
-    videos, captions = first_items(make_dataset(args.data, split="val", **video), val_videos)
+    dataset, val_set = train_and_val_videos(args, ae.config.frames, ae.config.video_size)
+    videos, captions = first_items(val_set, val_videos)
     encoded = [ae.encode(frame_space.encode(chunk.to(device))) for chunk in videos.split(args.batch_size)]
     val_batch = [torch.cat([c for c, _ in encoded]), torch.cat([m for _, m in encoded]), list(captions)]
     if not args.cache:

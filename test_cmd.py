@@ -1361,7 +1361,7 @@ def test_paper_path_end_to_end(tmp_path):
     Only sizes and step counts change, through flags a user has too."""
     readme = " ".join((Path(__file__).parent / "README.md").read_text().split())
     assert all(command in readme for command in PAPER_COMMANDS)
-    sd = paper_check.write_sd_folder(tmp_path / "stable-diffusion-2-1-base", paper_check.TOY_UNET, paper_check.TOY_VAE)
+    paper_check.write_sd_folder(tmp_path / "stable-diffusion-2-1-base", paper_check.TOY_UNET, paper_check.TOY_VAE)
     paper_check.write_text_checkpoint(tmp_path / "open_clip_vit_h14.bin", paper_check.TOY_TEXT)
     (tmp_path / "toy_clip.json").write_text(json.dumps(paper_check.TOY_TEXT))
     rows = []

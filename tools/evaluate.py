@@ -347,10 +347,7 @@ def main(argv=None):
     start = time.time()
     try:
         if args.motion_transfer:
-            models = sample.load_run(args.run, device, args.resolution)
-            result = evaluate_motion_transfer(models, args.motion_transfer, args.steps or 25, args.cfg_content,
-                                              torch.Generator(device).manual_seed(args.seed),
-                                              sample.autocast_for(device, args.dtype), device, args.batch_size)
+            result = run_motion_transfer(args, device)
         else:
             result = run_shapes(args, device) if args.shapes else evaluate(args, device)
     except (InputError, data.VideoError) as e:
@@ -372,6 +369,14 @@ def run_shapes(args, device):
                     for name, v in videos.items()}  # generated, real
         summary["fvd"] = frechet_distance(features["generated"], features["real"])
     return summary
+
+
+def run_motion_transfer(args, device):
+    """The shapes world's motion transfer (tools/shapes.py): real videos' motion, prompted content."""
+    models = sample.load_run(args.run, device, args.resolution)
+    return evaluate_motion_transfer(models, args.motion_transfer, args.steps or 25, args.cfg_content,
+                                    torch.Generator(device).manual_seed(args.seed),
+                                    sample.autocast_for(device, args.dtype), device, args.batch_size)
 
 
 def array_batches(videos, batch_size):

@@ -145,7 +145,7 @@ def evaluate_shapes(models, n, steps, cfg_content, cfg_motion, generator, autoca
     attributes = real_attributes(specs)
     prompts = [caption_for(a) for a in attributes]
     ae, frame_space = models.ae, models.frame_space
-    size = ae.config.height * (8 if ae.config.sd else 1)  # pixels (the SD VAE downsamples by 8)
+    size = ae.config.video_size[0]  # pixels: the shapes world is square
     videos = {"generated": [], "ae": [], "real": []}
     for i in tqdm(range(0, n, batch_size), desc=f"eval ({batch_size} videos a batch)"):
         real = np.stack([render_shapes(x, size, ae.config.frames) for x in attributes[i:i + batch_size]])
