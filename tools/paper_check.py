@@ -110,6 +110,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
+        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gb * 1e9 / total), device)
     work = Path(args.work or tempfile.mkdtemp(prefix="cmd-paper-check-"))
