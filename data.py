@@ -22,6 +22,7 @@ import csv
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -611,6 +612,8 @@ def add_training_args(parser):
                                                       "effective batch is batch-size x grad-accum x processes")
     optim.add_argument("--lr", type=float, help="peak learning rate")
     optim.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up from 0")
+    optim.add_argument("--decay", choices=("none", "cosine"), default="none",
+                       help="after the warm-up: a constant --lr, or a cosine down to --lr / 10 at --steps")
     optim.add_argument("--betas", type=float, nargs=2, help="AdamW's beta1 beta2")
     optim.add_argument("--weight-decay", type=float)
     optim.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (0: no clipping)")
@@ -773,11 +776,23 @@ def to_device(batch, device):
     return [x.to(device, non_blocking=True) if torch.is_tensor(x) else x for x in batch]
 
 
+def learning_rate(step, args):
+    """The learning rate of optimizer step `step` (0-based): a linear warm-up to --lr, then --lr,
+    or with --decay cosine half a cosine from --lr down to --lr / 10 at --steps (nanoGPT's
+    schedule): a short run ends on small steps instead of the noise of a large one."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if args.decay == "none":
+        return args.lr
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
 def train(stage, model, loss_fn, dataset, args, config, evaluate=None):
     """Train `model` to minimise `loss_fn(model, batch)` over `dataset`; returns the EMA model.
 
     One loop for every stage: torchrun DDP, gradient accumulation, bf16 autocast on GPU, linear
-    warm-up, EMA, checkpoints (atomic, resumable), metrics as JSON lines in `<out>/metrics.jsonl`.
+    warm-up and decay of the learning rate (learning_rate), EMA, checkpoints (atomic, resumable), metrics as JSON lines in `<out>/metrics.jsonl`.
     `evaluate(ema_model) -> dict` runs on rank 0 every `--every` steps and at the end.
     """
     rank, world, device = setup_distributed()
@@ -829,8 +844,8 @@ def train(stage, model, loss_fn, dataset, args, config, evaluate=None):
             step_loss += loss.detach()
             if not syncs:
                 continue
-            for group in opt.param_groups:  # linear warm-up to --lr
-                group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(step, args)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -460,6 +460,16 @@ def test_paper_preset_on_meta_shapes_params_and_flops():
     assert 8e12 < flops < 16e12  # a training step at 512x1024, batch 1
 
 
+def test_learning_rate_warms_up_then_decays_to_a_tenth_by_cosine():
+    args = argparse.Namespace(lr=1e-3, warmup=10, steps=110, decay="cosine")
+    lrs = [data.learning_rate(step, args) for step in range(args.steps)]
+    assert lrs[:10] == pytest.approx([1e-4 * k for k in range(1, 11)])  # linear warm-up to --lr
+    assert lrs[10] == pytest.approx(1e-3) and lrs[60] == pytest.approx(0.55e-3)  # half way: half way down
+    assert all(a > b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(1e-4, rel=1e-2)
+    args.decay = "none"
+    assert [data.learning_rate(step, args) for step in range(10, 110)] == [1e-3] * 100
+
+
 def test_short_training_run_loss_drops(tmp_path):
     train_micro(tmp_path, videos=4, steps=200, every=200)  # one batch, seen 200 times
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -1253,8 +1263,10 @@ def test_eval_shapes_prints_table_and_json(run_dir, capsys):
     summary = json.loads(lines[-1])
     assert summary["n"] == 4 and summary["heldout_n"] == 1
     assert summary["real_color_acc"] == summary["real_shape_acc"] == summary["real_motion_acc"] == 1.0
-    assert all(0 <= summary[k] <= 1 for k in ("color_acc", "shape_acc", "motion_acc", "ae_motion_acc"))
+    assert all(0 <= summary[k] <= 1 for k in ("color_acc", "shape_acc", "motion_acc", "ae_motion_acc",
+                                              "motion_motion_acc"))
     assert any(line.startswith("| real videos | 4 |") for line in lines)
+    assert any(line.startswith("| motion stage alone") for line in lines)
 
 
 def test_motion_transfer_evaluation_prints_table_and_json(run_dir, capsys):
