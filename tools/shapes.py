@@ -137,8 +137,10 @@ def accuracy(predictions, truth):
 def evaluate_shapes(models, n, steps, cfg_content, cfg_motion, generator, autocast, device, batch_size=16):
     """Generate n shapes videos from captions (sample.generate) and detect their attributes; the same
     for real videos of the same attributes and for their AE reconstructions (the best the generator
-    could do). Prints a table; returns (summary dict, {"generated": videos, "real": videos}), the
-    videos np.uint8 (n, L, H, W, 3)."""
+    could do), and for the motion stage alone: the DiT's motion latent for the real video's content
+    frame. (A generated content frame cannot be scored alone this way: a real video's motion latent
+    moves the shape from where that video had it, not from where the UNet drew it.) Prints a table;
+    returns (summary dict, {"generated": videos, "real": videos}), the videos np.uint8 (n, L, H, W, 3)."""
     cfg_content = models.cfg_content if cfg_content is None else cfg_content
     cfg_motion = models.cfg_motion if cfg_motion is None else cfg_motion
     specs = eval_specs(n)
@@ -146,15 +148,19 @@ def evaluate_shapes(models, n, steps, cfg_content, cfg_motion, generator, autoca
     prompts = [caption_for(a) for a in attributes]
     ae, frame_space = models.ae, models.frame_space
     size = ae.config.video_size[0]  # pixels: the shapes world is square
-    videos = {"generated": [], "ae": [], "real": []}
+    videos = {"generated": [], "motion": [], "ae": [], "real": []}
+    # the motion stage alone draws its noise from a generator of its own: "generated" stays as it was
+    motion_generator = torch.Generator(generator.device).manual_seed(generator.initial_seed() + 1)
     for i in tqdm(range(0, n, batch_size), desc=f"eval ({batch_size} videos a batch)"):
         real = np.stack([render_shapes(x, size, ae.config.frames) for x in attributes[i:i + batch_size]])
+        batch = prompts[i:i + batch_size], steps, cfg_content, cfg_motion
         with autocast:
-            generated, _ = generate(models, prompts[i:i + batch_size], steps, cfg_content, cfg_motion, generator,
-                                    progress=False)
-            reconstructed = frame_space.decode(ae(frame_space.encode(uint8_to_video(real).to(device))))
-        videos["generated"].append(video_to_uint8(generated))
-        videos["ae"].append(video_to_uint8(reconstructed))
+            made = {"generated": generate(models, *batch, generator, progress=False)[0]}
+            content_frame, motion_latent = ae.encode(frame_space.encode(uint8_to_video(real).to(device)))
+            made["motion"] = generate(models, *batch, motion_generator, progress=False, content_frame=content_frame)[0]
+            made["ae"] = frame_space.decode(ae.decode(content_frame, motion_latent))
+        for name, video in made.items():
+            videos[name].append(video_to_uint8(video))
         videos["real"].append(real)
     videos = {k: np.concatenate(v) for k, v in videos.items()}
     found = {name: [detect(video) for video in batch] for name, batch in videos.items()}
@@ -162,6 +168,7 @@ def evaluate_shapes(models, n, steps, cfg_content, cfg_motion, generator, autoca
     rows = [("generated", "", found["generated"], specs),
             ("generated, held-out combos", "heldout_", [found["generated"][i] for i in held_out],
              [specs[i] for i in held_out]),
+            ("motion stage alone: its motion for the real content frame", "motion_", found["motion"], specs),
             ("AE reconstructions", "ae_", found["ae"], specs), ("real videos", "real_", found["real"], specs)]
     summary = {"n": n, "heldout_n": len(held_out), "steps": steps, "cfg_content": cfg_content, "cfg_motion": cfg_motion}
     print("| videos | n | color | shape | motion |\n|---|---|---|---|---|")
