@@ -289,13 +289,13 @@ def print_costs(config, batch_size=1):
 # Training defaults per preset; the flags of data.add_training_args override them.
 DEFAULTS = {
     # Chosen on a 2-core CPU for the shapes world (docs/results.md).
-    "tiny": dict(resolution=(32, 32), data="shapes", steps=2400, batch_size=8, grad_accum=1, lr=2e-3, warmup=0, decay="none",
-                 betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, every=400),
+    "tiny": dict(resolution=(32, 32), data="shapes", steps=2400, batch_size=8, grad_accum=1, lr=2e-3, warmup=0,
+                 decay="none", betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, every=400),
     # The authors' release (NVlabs/CMD, train_ae.py): AdamW lr 1e-5, betas (0.5, 0.9), no weight decay,
     # no EMA, no gradient clipping, global batch 256 (1 x 32 accumulated x 8 GPUs; one GPU:
     # --grad-accum 256). The step count is not given; 100k steps of 256 is ours (~2.5 epochs of WebVid-10M).
-    "paper": dict(resolution=(512, 1024), data=None, steps=100_000, batch_size=1, grad_accum=32, lr=1e-5, warmup=0, decay="none",
-                  betas=(0.5, 0.9), weight_decay=0.0, grad_clip=0.0, ema_decay=0.0, every=2000),
+    "paper": dict(resolution=(512, 1024), data=None, steps=100_000, batch_size=1, grad_accum=32, lr=1e-5, warmup=0,
+                  decay="none", betas=(0.5, 0.9), weight_decay=0.0, grad_clip=0.0, ema_decay=0.0, every=2000),
 }
 
 

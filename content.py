@@ -335,15 +335,16 @@ DEFAULTS = {
     # the same ten minutes, 2,200 steps of 16 draw the prompted shapes far better than 1,600 of 32.
     # No weight averaging: a run this short improves faster than an average of its recent weights.
     "tiny": dict(resolution=(32, 32), data="shapes", cache=True, steps=2200, batch_size=16, grad_accum=1, lr=1e-3,
-                 warmup=0, decay="cosine", betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, ema_decay=0.0, every=500),
+                 warmup=0, decay="cosine", betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, ema_decay=0.0,
+                 every=500),
     # Fine-tuning SD 2.x in full, as is common practice (the release has no SD fine-tuning): lr 1e-5
     # after 500 warm-up steps, AdamW betas (0.9, 0.999), weight decay 1e-2, gradient clip 1, EMA 0.9999;
     # global batch 256 as the release's diffusion models (1 x 32 accumulated x 8 GPUs; one GPU:
     # --grad-accum 256). The step count is not given; 50k steps of 256 is ours. Clips are encoded on
     # the fly (--no-cache): a WebVid-scale dataset cannot be encoded up front.
     "paper": dict(resolution=(512, 1024), data=None, cache=False, steps=50_000, batch_size=1, grad_accum=32,
-                  lr=1e-5, warmup=500, decay="none", betas=(0.9, 0.999), weight_decay=1e-2, grad_clip=1.0, ema_decay=0.9999,
-                  every=2000),
+                  lr=1e-5, warmup=500, decay="none", betas=(0.9, 0.999), weight_decay=1e-2, grad_clip=1.0,
+                  ema_decay=0.9999, every=2000),
 }
 
 

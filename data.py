@@ -791,8 +791,9 @@ def learning_rate(step, args):
 def train(stage, model, loss_fn, dataset, args, config, evaluate=None):
     """Train `model` to minimise `loss_fn(model, batch)` over `dataset`; returns the EMA model.
 
-    One loop for every stage: torchrun DDP, gradient accumulation, bf16 autocast on GPU, linear
-    warm-up and decay of the learning rate (learning_rate), EMA, checkpoints (atomic, resumable), metrics as JSON lines in `<out>/metrics.jsonl`.
+    One loop for every stage: torchrun DDP, gradient accumulation, bf16 autocast on GPU, the
+    learning-rate schedule (learning_rate), EMA, checkpoints (atomic, resumable), metrics as JSON
+    lines in `<out>/metrics.jsonl`.
     `evaluate(ema_model) -> dict` runs on rank 0 every `--every` steps and at the end.
     """
     rank, world, device = setup_distributed()

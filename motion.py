@@ -359,14 +359,15 @@ DEFAULTS = {
     # Chosen on a 2-core CPU for the shapes world, with the latent cache (docs/results.md): lr 2e-3
     # learned motion far faster than 1e-3, and 3,000 steps of 16 fit the ten minutes of 1,600 of 32.
     "tiny": dict(resolution=(32, 32), data="shapes", cache=True, steps=3000, batch_size=16, grad_accum=1, lr=2e-3,
-                 warmup=0, decay="cosine", betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, every=500),
+                 warmup=0, decay="cosine", betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999,
+                 every=500),
     # The authors' release (NVlabs/CMD): AdamW lr 1e-4, no weight decay, EMA 0.9999, gradient clip 1,
     # global batch 256 (1 x 32 accumulated x 8 GPUs; one GPU: --grad-accum 256); betas are torch's
     # default (0.9, 0.999), no warm-up, as DiT. The step count is not given; 100k steps of 256 is ours.
     # Clips are encoded on the fly (--no-cache): a WebVid-scale dataset cannot be encoded up front.
     "paper": dict(resolution=(512, 1024), data=None, cache=False, steps=100_000, batch_size=1, grad_accum=32,
-                  lr=1e-4, warmup=0, decay="none", betas=(0.9, 0.999), weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999,
-                  every=2000),
+                  lr=1e-4, warmup=0, decay="none", betas=(0.9, 0.999), weight_decay=0.0, grad_clip=1.0,
+                  ema_decay=0.9999, every=2000),
 }
 
 
