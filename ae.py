@@ -6,8 +6,9 @@ A video x = (x_1 .. x_L) is encoded into
     pretrained image diffusion model can generate it unchanged;
   * a motion latent  z: video features projected along the width and along the height
     (PVDM-style), one small D-dim token per (frame, row) and (frame, column).
-A decoder rebuilds the video from (x̄, z). The AE works in a "frame space": pixels (tiny
-preset) or per-frame Stable Diffusion VAE latents (paper preset, `--sd`).
+A decoder rebuilds the video from (x̄, z), trained on reconstruction; the tiny preset also pulls
+x̄ towards the clip's middle frame (middle_frame_loss). The AE works in a "frame space": pixels
+(tiny preset) or per-frame Stable Diffusion VAE latents (paper preset, `--sd`).
 
     python ae.py                                   # tiny preset, shapes, CPU
     python ae.py --preset paper --sd stable-diffusion-2-1-base --data webvid.csv \\
@@ -199,7 +200,9 @@ class Autoencoder(nn.Module):
         return content_frame[:, None] + self.unpatchify(self.to_pixels(h))
 
     def forward(self, frames):
-        return self.decode(*self.encode(frames))
+        """frames -> (reconstruction, content frame): the training loss looks at both."""
+        content_frame, motion_latent = self.encode(frames)
+        return self.decode(content_frame, motion_latent), content_frame
 
 
 class FrameSpace:
@@ -266,6 +269,18 @@ def check_sd_folder(path, parts=("vae",)):
                     "e.g. a download of stabilityai/stable-diffusion-2-1-base) holds vae/, unet/ and scheduler/")
 
 
+def middle_frame_loss(content_frame, frames):
+    """||x̄ - x_{L/2}||², the pull of the content frame towards the clip's middle frame.
+
+    Eq. 2 leaves x̄ free to be any per-pixel blend of the frames, and the paper trains the AE on
+    reconstruction alone. Where everything moves, as in the shapes world, a free blend smears a
+    moving shape along its path and turns a rotating square into a disc: the outline then lives
+    in the motion latent, not in x̄, against "all of the content in x̄, all of the change in z",
+    and both diffusion models must learn it. Weighted by --middle-frame-weight (tiny preset 1,
+    paper 0), the pull makes x̄ a frame of the clip at no cost in reconstruction (docs/results.md)."""
+    return F.mse_loss(content_frame, frames[:, frames.shape[1] // 2])
+
+
 def psnr(x, y):
     """Peak signal-to-noise ratio of videos in [-1, 1] (peak-to-peak 2), in dB."""
     mse = F.mse_loss(x.clamp(-1, 1), y.clamp(-1, 1))
@@ -279,7 +294,7 @@ def print_costs(config, batch_size=1):
         ae = Autoencoder(config)
         frames = torch.empty(batch_size, config.frames, config.channels, config.height, config.width)
     params = sum(p.numel() for p in ae.parameters())
-    flops, _ = count_flops(lambda: F.mse_loss(ae(frames), frames).backward())
+    flops, _ = count_flops(lambda: F.mse_loss(ae(frames)[0], frames).backward())
     height, width = config.video_size
     print(f"AE: {params / 1e6:.1f} M parameters, {flops / 1e12:.3f} TFLOPs per training step (batch {batch_size}, "
           f"{height}x{width} videos: {config.frames} x {config.channels} x {config.height} x {config.width} frames)")
@@ -288,14 +303,16 @@ def print_costs(config, batch_size=1):
 
 # Training defaults per preset; the flags of data.add_training_args override them.
 DEFAULTS = {
-    # Chosen on a 2-core CPU for the shapes world (docs/results.md).
+    # Chosen on a 2-core CPU for the shapes world (docs/results.md); middle_frame_weight: see middle_frame_loss.
     "tiny": dict(resolution=(32, 32), data="shapes", steps=2400, batch_size=8, grad_accum=1, lr=2e-3, warmup=0,
-                 decay="none", betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, every=400),
+                 decay="none", betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, every=400,
+                 middle_frame_weight=1.0),
     # The authors' release (NVlabs/CMD, train_ae.py): AdamW lr 1e-5, betas (0.5, 0.9), no weight decay,
     # no EMA, no gradient clipping, global batch 256 (1 x 32 accumulated x 8 GPUs; one GPU:
     # --grad-accum 256). The step count is not given; 100k steps of 256 is ours (~2.5 epochs of WebVid-10M).
     "paper": dict(resolution=(512, 1024), data=None, steps=100_000, batch_size=1, grad_accum=32, lr=1e-5, warmup=0,
-                  decay="none", betas=(0.5, 0.9), weight_decay=0.0, grad_clip=0.0, ema_decay=0.0, every=2000),
+                  decay="none", betas=(0.5, 0.9), weight_decay=0.0, grad_clip=0.0, ema_decay=0.0, every=2000,
+                  middle_frame_weight=0.0),
 }
 
 
@@ -305,8 +322,12 @@ def main(argv=None):
     parser.add_argument("--sd", type=local_or_name,
                         help="Stable Diffusion folder or hub id: its VAE is the frame space")
     parser.add_argument("--resolution", type=parse_resolution, help="HEIGHTxWIDTH of the videos, in pixels")
+    parser.add_argument("--middle-frame-weight", type=float,
+                        help="weight of the pull of the content frame towards the clip's middle frame (0: none)")
     add_training_args(parser)
     args = parse_stage_args(parser, "ae", DEFAULTS, argv)
+    if args.middle_frame_weight < 0:
+        parser.error(f"--middle-frame-weight wants >= 0 (0: reconstruction alone), got {args.middle_frame_weight}")
     try:
         config = config_at(replace(PRESETS[args.preset], sd=args.sd or PRESETS[args.preset].sd), args.resolution)
     except ValueError as e:
@@ -329,12 +350,13 @@ def main(argv=None):
 
     def loss_fn(model, batch):
         frames = frame_space.encode(batch[0])
-        return F.mse_loss(model(frames), frames)
+        reconstruction, content_frame = model(frames)
+        return F.mse_loss(reconstruction, frames) + args.middle_frame_weight * middle_frame_loss(content_frame, frames)
 
     @torch.no_grad()
     def evaluate(ema):  # PSNR of the held-out videos, a batch at a time
         videos = val_videos.to(device).split(args.batch_size)
-        return {"val_psnr": psnr(torch.cat([frame_space.decode(ema(frame_space.encode(v))) for v in videos]),
+        return {"val_psnr": psnr(torch.cat([frame_space.decode(ema(frame_space.encode(v))[0]) for v in videos]),
                                  torch.cat(videos))}
 
     ema = train("ae", model, loss_fn, dataset, args, asdict(config), evaluate)

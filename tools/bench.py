@@ -224,7 +224,7 @@ def training_case(name, setup, device):
         _, _, _, dit_tokens, dit_pooled = example_inputs(m, 1, setup["text_len"])
         motion_latent = torch.rand(1, m.frames, m.latent_h + m.latent_w, m.latent_dim) * 2 - 1
     if model_name == "ae":
-        return model, lambda: F.mse_loss(model(frames), frames)
+        return model, lambda: F.mse_loss(model(frames)[0], frames)
     if model_name == "unet":
         return model, lambda: diffusion.loss(unet_model_fn(model), content_frame, tokens)
     if model_name == "dit":
