@@ -281,6 +281,12 @@ def middle_frame_loss(content_frame, frames):
     return F.mse_loss(content_frame, frames[:, frames.shape[1] // 2])
 
 
+def training_loss(model, frames, middle_frame_weight=0.0):
+    """The AE's loss: reconstruction MSE, plus middle_frame_weight times the pull above."""
+    reconstruction, content_frame = model(frames)
+    return F.mse_loss(reconstruction, frames) + middle_frame_weight * middle_frame_loss(content_frame, frames)
+
+
 def psnr(x, y):
     """Peak signal-to-noise ratio of videos in [-1, 1] (peak-to-peak 2), in dB."""
     mse = F.mse_loss(x.clamp(-1, 1), y.clamp(-1, 1))
@@ -294,7 +300,7 @@ def print_costs(config, batch_size=1):
         ae = Autoencoder(config)
         frames = torch.empty(batch_size, config.frames, config.channels, config.height, config.width)
     params = sum(p.numel() for p in ae.parameters())
-    flops, _ = count_flops(lambda: F.mse_loss(ae(frames)[0], frames).backward())
+    flops, _ = count_flops(lambda: training_loss(ae, frames).backward())
     height, width = config.video_size
     print(f"AE: {params / 1e6:.1f} M parameters, {flops / 1e12:.3f} TFLOPs per training step (batch {batch_size}, "
           f"{height}x{width} videos: {config.frames} x {config.channels} x {config.height} x {config.width} frames)")
@@ -349,9 +355,7 @@ def main(argv=None):
     model = Autoencoder(config)
 
     def loss_fn(model, batch):
-        frames = frame_space.encode(batch[0])
-        reconstruction, content_frame = model(frames)
-        return F.mse_loss(reconstruction, frames) + args.middle_frame_weight * middle_frame_loss(content_frame, frames)
+        return training_loss(model, frame_space.encode(batch[0]), args.middle_frame_weight)
 
     @torch.no_grad()
     def evaluate(ema):  # PSNR of the held-out videos, a batch at a time

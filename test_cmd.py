@@ -413,7 +413,7 @@ def training_args(out, **overrides):
 
 
 def ae_loss(model, batch):
-    return F.mse_loss(model(batch[0])[0], batch[0])
+    return ae.training_loss(model, batch[0])
 
 
 def train_micro(out, videos=16, **overrides):
@@ -442,8 +442,7 @@ def test_middle_frame_weight_makes_the_content_frame_the_middle_frame(tmp_path):
 
     def distance_after_training(weight):
         def loss(model, batch):
-            reconstruction, content_frame = model(batch[0])
-            return F.mse_loss(reconstruction, batch[0]) + weight * ae.middle_frame_loss(content_frame, batch[0])
+            return ae.training_loss(model, batch[0], weight)
 
         torch.manual_seed(0)
         args = training_args(tmp_path / str(weight), steps=100, every=100, ema_decay=0.0)

@@ -20,13 +20,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel, UNet3DConditionModel
 from einops import rearrange
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the stage files live one folder up
 from ae import PRESETS as AE_PRESETS  # noqa: E402
-from ae import Autoencoder, FrameSpace  # noqa: E402
+from ae import Autoencoder, FrameSpace, training_loss  # noqa: E402
 from content import SD21_UNET_CONFIG, Diffusion, unet_model_fn  # noqa: E402
 from data import count_flops  # noqa: E402
 from motion import PRESETS as MOTION_PRESETS  # noqa: E402
@@ -224,7 +223,7 @@ def training_case(name, setup, device):
         _, _, _, dit_tokens, dit_pooled = example_inputs(m, 1, setup["text_len"])
         motion_latent = torch.rand(1, m.frames, m.latent_h + m.latent_w, m.latent_dim) * 2 - 1
     if model_name == "ae":
-        return model, lambda: F.mse_loss(model(frames)[0], frames)
+        return model, lambda: training_loss(model, frames)
     if model_name == "unet":
         return model, lambda: diffusion.loss(unet_model_fn(model), content_frame, tokens)
     if model_name == "dit":
