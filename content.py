@@ -238,6 +238,11 @@ def tiny_unet(cross_attention_dim, sample_size=32, in_channels=3):
         # into one vector, are added to the timestep embedding of every block, so a small UNet
         # hears the prompt early in training (README). SD's UNet has no such input.
         addition_embed_type="text", addition_embed_type_num_heads=4,
+        # ... and that embedding scales and shifts each ResNet block's normalised features (ADM's
+        # AdaGN, Dhariwal & Nichol 2021) instead of adding a bias to them: the prompt can switch
+        # features on and off, and the tiny UNet learns which shape a prompt names within its
+        # steps far more often (docs/results.md). SD's UNet only adds.
+        resnet_time_scale_shift="scale_shift",
     )
 
 
@@ -250,14 +255,17 @@ def unet_model_fn(unet):
 # 3. Text encoder: OpenCLIP text tower, used the way Stable Diffusion 2.x uses it
 
 # Same format as open_clip.get_model_config("ViT-H-14"), at toy size. The vocabulary stays
-# CLIP's (49408) because the tokenizer is CLIP's; 77 tokens is the context SD expects.
+# CLIP's (49408) because the tokenizer is CLIP's. The context is 24 tokens, not the 77 that SD
+# expects: a shapes caption takes at most 18, and the cross-attention of the UNet and the DiT (a
+# softmax over every token) would otherwise spread over some 60 padding tokens that barely
+# differ from prompt to prompt, diluting the one word that names the shape or the direction.
 TINY_TEXT_CONFIG = {"embed_dim": 64,
-                    "text_cfg": {"context_length": 77, "vocab_size": 49408,
+                    "text_cfg": {"context_length": 24, "vocab_size": 49408,
                                  "width": 64, "heads": 4, "layers": 2}}
 
 
 class TextEncoder(nn.Module):
-    """Frozen CLIP text tower: prompts -> (tokens (B, 77, width), pooled (B, embed_dim)).
+    """Frozen CLIP text tower: prompts -> (tokens (B, context, width), pooled (B, embed_dim)).
 
     tokens: output of the penultimate transformer block, then the final LayerNorm. This is
       what SD 2.x cross-attends to (its UNet was trained on exactly these features).
@@ -286,13 +294,13 @@ class TextEncoder(nn.Module):
             length = len(self.tokenizer.encode(p)) + 2  # + start and end-of-text tokens
             if length > n:
                 warnings.warn(f"prompt of {length} tokens truncated to {n}: {p[:60]!r}...")
-        return self.tokenizer(prompts)  # (B, 77) int64, zero-padded, truncated to 77
+        return self.tokenizer(prompts)  # (B, context) int64, zero-padded, truncated to the context
 
     @torch.no_grad()
     def forward(self, prompts):
         t = self.text
         ids = self.tokenize(prompts).to(t.positional_embedding.device)
-        x = t.token_embedding(ids) + t.positional_embedding  # (B, 77, width)
+        x = t.token_embedding(ids) + t.positional_embedding  # (B, context, width)
         for block in t.transformer.resblocks[:-1]:
             x = block(x, attn_mask=t.attn_mask)  # causal mask, as CLIP was trained
         tokens = t.ln_final(x)  # SD 2.x: layer="penultimate"
@@ -428,7 +436,8 @@ def print_costs(config, frame_shape, batch_size=1):
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD21_UNET_CONFIG) if config.sd else tiny_unet(64, frame_shape[1:], frame_shape[0])
         x = torch.empty(batch_size, *frame_shape)
-        tokens = torch.empty(batch_size, 77, unet.config.cross_attention_dim)
+        context = TINY_TEXT_CONFIG["text_cfg"]["context_length"] if config.text == "tiny" else 77
+        tokens = torch.empty(batch_size, context, unet.config.cross_attention_dim)
         t = torch.zeros(batch_size, dtype=torch.long)
     params = sum(p.numel() for p in unet.parameters())
     flops, _ = count_flops(lambda: unet(x, t, encoder_hidden_states=tokens).sample.sum().backward())

@@ -49,7 +49,7 @@ class MotionConfig:
     frame_height: int = 32
     frame_width: int = 32
     content_patch: int = 4
-    # text features from content.TextEncoder: tokens (B, 77, text_dim), pooled (B, pooled_dim)
+    # text features from content.TextEncoder: tokens (B, S, text_dim), S its context, pooled (B, pooled_dim)
     text_dim: int = 64
     pooled_dim: int = 64
     cross_attention: bool = False  # our addition: blocks also attend to the text tokens
@@ -63,8 +63,14 @@ class MotionConfig:
     # DiT predicts eps on DiT's linear betas; one schedule for both stages keeps one to read, and v
     # stays a well-scaled target at both ends of it
     prediction_type: str = "v_prediction"
-    # training only: Min-SNR-gamma loss weights (content.Diffusion.loss); None for the paper's plain loss
-    snr_gamma: float | None = 5.0
+    # ... rescaled to zero terminal SNR (content.Diffusion, Lin et al. 2024): otherwise x_T in training
+    # still holds 7% of z, enough for the DiT to read which way the shape moves off the noise rather
+    # than off the prompt, and sampling starts from pure noise
+    zero_terminal_snr: bool = False
+    # training only: Min-SNR-gamma loss weights (content.Diffusion.loss), or None for the plain loss as
+    # in the paper. Not for the DiT: Min-SNR weighs the noisiest steps, where the DiT decides which way a
+    # shape moves, by about SNR (near 0), and the tiny DiT then reversed a third of the directions
+    snr_gamma: float | None = None
 
     def __post_init__(self):
         # A token must not straddle the height/width boundary of z, nor the frame edge.
@@ -101,7 +107,7 @@ PRESETS = {
     # encoder's pooled feature hardly carries it (cosine 0.99 between "... moving up ..." and "...
     # moving down ..."): the tiny DiT reads the text tokens, by cross-attention and, for the adaLN
     # condition, by attention pooling (docs/results.md).
-    "tiny": MotionConfig(cross_attention=True, pool_text=True, **DIT_SIZES["tiny"]),
+    "tiny": MotionConfig(cross_attention=True, pool_text=True, zero_terminal_snr=True, **DIT_SIZES["tiny"]),
     # WebVid-10M text-to-video at 512x1024, frames as SD-2.1 latents 4x64x128. Paper:
     # DiT-XL/2 "for WebVid-10M" (Sec. 4.1); z of L x (H'+W') x D = 16 x (32+64) x 8
     # (Table 5); z patch 2 and content-frame patch 8 (Table 6); OpenCLIP ViT-H text,
@@ -109,7 +115,7 @@ PRESETS = {
     "paper": MotionConfig(
         frames=16, latent_h=32, latent_w=64, latent_dim=8, patch_frames=2, patch_tokens=2,
         frame_channels=4, frame_height=64, frame_width=128, content_patch=8,
-        text_dim=1024, pooled_dim=1024, cross_attention=False, snr_gamma=None, **DIT_SIZES["XL"]),
+        text_dim=1024, pooled_dim=1024, cross_attention=False, **DIT_SIZES["XL"]),
 }
 
 
@@ -194,7 +200,7 @@ class DiTBlock(nn.Module):
 
 
 class MotionDiT(nn.Module):
-    """forward(z_t (B,L,N,D), t (B,), content_frame (B,C,H,W), text_tokens (B,77,Dt),
+    """forward(z_t (B,L,N,D), t (B,), content_frame (B,C,H,W), text_tokens (B,S,Dt),
     text_pooled (B,Dp)) -> (B,L,N,D); text_tokens are only read with config.cross_attention or pool_text."""
 
     def __init__(self, config):
@@ -407,7 +413,8 @@ def main(argv=None):
         model = MotionDiT(config_for(args.preset, args.size, ae.config, text_encoder))
     except (OSError, ValueError, RuntimeError) as e:
         fail(e)
-    schedule = {"prediction_type": model.config.prediction_type}
+    schedule = {"prediction_type": model.config.prediction_type,
+                "rescale_betas_zero_snr": model.config.zero_terminal_snr}
     diffusion = Diffusion(**schedule)
     snr_gamma = model.config.snr_gamma  # loss_fn gets the model, or its DDP wrapper
 

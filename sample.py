@@ -66,7 +66,7 @@ def generate(models, prompts, steps=50, cfg_content=None, cfg_motion=None, gener
     ae_config, dit_config = models.ae.config, models.dit.config
     content_shape = (n, ae_config.channels, ae_config.height, ae_config.width)  # x̄: (n, C, H, W)
     motion_shape = (n, dit_config.frames, dit_config.latent_h + dit_config.latent_w, dit_config.latent_dim)  # z
-    # 1. text features: tokens (n, 77, width) for the UNet and the DiT, pooled (n, embed_dim) for the DiT
+    # 1. text features: tokens (n, context, width) for the UNet and the DiT, pooled (n, embed_dim) for the DiT
     tokens, pooled = models.text_encoder(prompts)
     null_tokens, null_pooled = models.text_encoder([""] * n)
     # 2. content frame x̄_0 from x̄_T ~ N(0, I): guided DDIM on the content UNet

@@ -590,6 +590,17 @@ def test_one_seed_makes_one_run(tmp_path, monkeypatch):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_tiny_motion_stage_samples_on_the_schedule_it_trained_on(tmp_path, monkeypatch):
+    """The tiny DiT trains on the zero-terminal-SNR schedule (x_T pure noise, as where sampling starts)
+    with the plain loss, and its run keeps that schedule, so sample.py's DDIM uses the same one."""
+    monkeypatch.setattr(sys, "argv", sys.argv)  # restored after the test
+    for stage in (ae, content, motion):
+        run_stage_one_step(stage, tmp_path / "run")
+    dit, diffusion, _ = motion.load_motion(tmp_path / "run")
+    assert diffusion.alphas_cumprod[-1] == 0 and diffusion.alphas_cumprod[0] > 0.99
+    assert dit.config.zero_terminal_snr and dit.config.snr_gamma is None
+
+
 def join_as_gloo_rank(rank, port):
     """The environment torchrun gives rank `rank` of two on one machine; setup_distributed reads it."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
@@ -830,7 +841,7 @@ def test_drop_prompts():
 
 def test_text_features_shape_and_deterministic(tiny_te):
     tokens, pooled = tiny_te(["a red circle moves left", ""])
-    assert tokens.shape == (2, 77, TINY_TEXT_CONFIG["text_cfg"]["width"])
+    assert tokens.shape == (2, TINY_TEXT_CONFIG["text_cfg"]["context_length"], TINY_TEXT_CONFIG["text_cfg"]["width"])
     assert pooled.shape == (2, TINY_TEXT_CONFIG["embed_dim"])
     tokens2, pooled2 = build_text_encoder("tiny")(["a red circle moves left", ""])
     assert torch.equal(tokens, tokens2) and torch.equal(pooled, pooled2)
@@ -841,7 +852,7 @@ def test_text_features_match_open_clip(tiny_te):
     """Penultimate tokens and pooled embedding agree with open_clip's own forward passes."""
     prompts = ["a green triangle bounces", "", "two squares"]
     tokens, pooled = tiny_te(prompts)
-    ids = open_clip.tokenize(prompts)
+    ids = open_clip.tokenize(prompts, context_length=tiny_te.text.context_length)
     with torch.no_grad():
         torch.testing.assert_close(pooled, tiny_te.text(ids))
         out = tiny_te.text.forward_intermediates(ids, indices=[-2], normalize_intermediates=True,
@@ -850,12 +861,12 @@ def test_text_features_match_open_clip(tiny_te):
 
 
 def test_long_prompt_warns_and_bad_prompts_fail(tiny_te):
-    with pytest.warns(UserWarning, match="truncated to 77"):
+    with pytest.warns(UserWarning, match="truncated to 24"):
         tokens, _ = tiny_te(["word " * 100])
-    assert tokens.shape[1] == 77
+    assert tokens.shape[1] == 24
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        tiny_te(["word " * 70])  # 72 tokens fit: no warning
+        tiny_te(["word " * 22])  # 24 tokens fit: no warning
     with pytest.raises(TypeError, match="list of str"):
         tiny_te("a bare string")
     with pytest.raises(TypeError, match="list of str"):
@@ -883,8 +894,9 @@ def test_text_weights_from_full_open_clip_checkpoint(tmp_path):
     torch.save({"state_dict": clip.state_dict()}, tmp_path / "clip.pt")
     te = load_open_clip_text_weights(TextEncoder(TINY_TEXT_CONFIG), tmp_path / "clip.pt")
     prompts = ["a purple circle", ""]
+    ids = open_clip.tokenize(prompts, context_length=te.text.context_length)
     with torch.no_grad():
-        torch.testing.assert_close(te(prompts)[1], clip.encode_text(open_clip.tokenize(prompts)))
+        torch.testing.assert_close(te(prompts)[1], clip.encode_text(ids))
     torch.save({"something": torch.zeros(1)}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="no open_clip text tower"):
         load_open_clip_text_weights(TextEncoder(TINY_TEXT_CONFIG), tmp_path / "bad.pt")
