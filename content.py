@@ -392,9 +392,10 @@ def main(argv=None):
     if args.flops:  # on `meta`, at the AE preset's frame shape for --resolution: no run needed
         try:
             frames = config_at(AE_PRESETS[args.preset], args.resolution)
-        except ValueError as e:
+            text = text_config(config.text)
+        except (OSError, ValueError) as e:
             fail(e)
-        return print_costs(config, (frames.channels, frames.height, frames.width))
+        return print_costs(config, text, (frames.channels, frames.height, frames.width))
     # Everything that can be wrong with the input fails here, before training starts.
     try:
         rank, _, device = setup_distributed()
@@ -431,13 +432,15 @@ def main(argv=None):
               if args.data == "shapes" else "held-out captions " + "; ".join(prompts))
 
 
-def print_costs(config, frame_shape, batch_size=1):
-    """UNet parameters and FLOPs of one training step (forward + backward), on `meta`."""
+def print_costs(config, text, frame_shape, batch_size=1):
+    """UNet parameters and FLOPs of one training step (forward + backward), on `meta`; `text` is the
+    text encoder's model config (text_config), whose context is the length of the token sequence."""
+    text_cfg = text["text_cfg"]
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD21_UNET_CONFIG) if config.sd else tiny_unet(64, frame_shape[1:], frame_shape[0])
+        unet = (UNet2DConditionModel(**SD21_UNET_CONFIG) if config.sd
+                else tiny_unet(text_cfg["width"], frame_shape[1:], frame_shape[0]))
         x = torch.empty(batch_size, *frame_shape)
-        context = TINY_TEXT_CONFIG["text_cfg"]["context_length"] if config.text == "tiny" else 77
-        tokens = torch.empty(batch_size, context, unet.config.cross_attention_dim)
+        tokens = torch.empty(batch_size, text_cfg["context_length"], unet.config.cross_attention_dim)
         t = torch.zeros(batch_size, dtype=torch.long)
     params = sum(p.numel() for p in unet.parameters())
     flops, _ = count_flops(lambda: unet(x, t, encoder_hidden_states=tokens).sample.sum().backward())
@@ -493,6 +496,16 @@ def load_open_clip_text_weights(te, path):
     return te
 
 
+def text_config(name):
+    """The open_clip model config of a text encoder: 'tiny', an open_clip model name, or a model-config .json."""
+    if name == "tiny":
+        return TINY_TEXT_CONFIG
+    config = json.loads(Path(name).read_text()) if name.endswith(".json") else open_clip.get_model_config(name)
+    if config is None:
+        raise ValueError(f"unknown open_clip model {name!r}: give a name open_clip knows, or a model-config .json")
+    return config
+
+
 def build_text_encoder(name="tiny", weights=None, pretrained=None, seed=0):
     """'tiny': a random frozen tower (fixed seed). Otherwise an open_clip model name (paper:
     'ViT-H-14') or an open_clip model-config .json file, loaded from a local checkpoint `weights`,
@@ -502,12 +515,7 @@ def build_text_encoder(name="tiny", weights=None, pretrained=None, seed=0):
         with torch.random.fork_rng(devices=[]):  # same weights every time, global RNG untouched
             torch.manual_seed(seed)
             return TextEncoder(TINY_TEXT_CONFIG)
-    if name.endswith(".json"):
-        config = json.loads(Path(name).read_text())
-    else:
-        config = open_clip.get_model_config(name)
-    if config is None:
-        raise ValueError(f"unknown open_clip model {name!r}: give a name open_clip knows, or a model-config .json")
+    config = text_config(name)
     if pretrained:
         tag = open_clip.get_pretrained_cfg(name, pretrained)
         if not tag:
