@@ -67,9 +67,9 @@ class MotionConfig:
     # still holds 7% of z, enough for the DiT to read which way the shape moves off the noise rather
     # than off the prompt, and sampling starts from pure noise
     zero_terminal_snr: bool = False
-    # training only: Min-SNR-gamma loss weights (content.Diffusion.loss), or None for the plain loss as
-    # in the paper. Not for the DiT: Min-SNR weighs the noisiest steps, where the DiT decides which way a
-    # shape moves, by about SNR (near 0), and the tiny DiT then reversed a third of the directions
+    # training only: Min-SNR-gamma loss weights (content.Diffusion.loss), or None (the default) for the
+    # plain loss, as in the paper. Min-SNR weighs the noisiest steps, where the DiT decides which way a
+    # shape moves, by about their SNR (near 0): with it the tiny DiT reversed a third of the directions
     snr_gamma: float | None = None
 
     def __post_init__(self):
