@@ -590,14 +590,18 @@ def test_one_seed_makes_one_run(tmp_path, monkeypatch):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_tiny_motion_stage_samples_on_the_schedule_it_trained_on(tmp_path, monkeypatch):
-    """The tiny DiT trains on the zero-terminal-SNR schedule (x_T pure noise, as where sampling starts)
-    with the plain loss, and its run keeps that schedule, so sample.py's DDIM uses the same one."""
+def test_tiny_stages_sample_on_the_schedule_they_trained_on(tmp_path, monkeypatch):
+    """The tiny UNet (with Min-SNR-5) and the tiny DiT (with the plain loss) train on the zero-terminal-SNR
+    schedule (x_T pure noise, as where sampling starts), and the run keeps that schedule, so
+    sample.py's DDIM uses the same one."""
     monkeypatch.setattr(sys, "argv", sys.argv)  # restored after the test
     for stage in (ae, content, motion):
         run_stage_one_step(stage, tmp_path / "run")
-    dit, diffusion, _ = motion.load_motion(tmp_path / "run")
-    assert diffusion.alphas_cumprod[-1] == 0 and diffusion.alphas_cumprod[0] > 0.99
+    _, _, content_diffusion, content_config = content.load_content(tmp_path / "run")
+    dit, motion_diffusion, _ = motion.load_motion(tmp_path / "run")
+    for diffusion in (content_diffusion, motion_diffusion):
+        assert diffusion.alphas_cumprod[-1] == 0 and diffusion.alphas_cumprod[0] > 0.99
+    assert content_config.zero_terminal_snr and content_config.snr_gamma == 5.0
     assert dit.config.zero_terminal_snr and dit.config.snr_gamma is None
 
 
