@@ -327,7 +327,9 @@ class ContentConfig:
     zero_terminal_snr: bool = False
     p_uncond: float = 0.1  # prompt dropout for classifier-free guidance (the usual 10%)
     # Min-SNR-5 loss weights (Diffusion.loss), for training from scratch on a small budget;
-    # the paper fine-tunes SD with the plain loss
+    # the paper fine-tunes SD with the plain loss. On the zero-SNR schedule they leave the noisiest
+    # steps, which set a flat background, almost untrained: the tiny UNet learns the shape word and
+    # not "dark" against "light"; weighting those steps reverses that (docs/results.md)
     snr_gamma: float | None = 5.0
     cfg_scale: float = 5.0  # guidance of the tiny preset's samples (README)
     sample_steps: int = 50  # paper: 50 DDIM steps
