@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-from data import (add_training_args, count_flops, fail, first_items, load_stage, local_or_name, parse_resolution,
-                  parse_stage_args, setup_distributed, train, train_and_val_videos, video_to_uint8, write_video)
+from data import (add_training_args, fail, first_items, load_stage, local_or_name, parse_stage_args, print_costs,
+                  setup_distributed, train, train_and_val_videos, video_to_uint8, write_video)
 
 
 @dataclass
@@ -51,6 +51,8 @@ class AEConfig:
         return self.height * factor, self.width * factor
 
 
+SD_MODEL = "stabilityai/stable-diffusion-2-1-base"  # the paper fine-tunes SD 2.1-base (App. B.3)
+
 PRESETS = {
     # 32x32 pixels, 8x8 tokens per frame, width 64: small enough to train on a laptop CPU.
     "tiny": AEConfig(),
@@ -59,8 +61,7 @@ PRESETS = {
     # 16 x (32 + 64) x 8. Table 5 says depth 12 and 8 heads of 64 (= 512, not 384); the
     # authors' code uses 8 blocks per side and 8 heads of 48, which we follow.
     "paper": AEConfig(channels=4, height=64, width=128, patch=2, hidden=384, heads=8,
-                      encoder_depth=8, decoder_depth=8, motion_dim=8,
-                      sd="stabilityai/stable-diffusion-2-1-base"),  # the paper fine-tunes SD 2.1-base
+                      encoder_depth=8, decoder_depth=8, motion_dim=8, sd=SD_MODEL),
 }
 
 
@@ -205,6 +206,24 @@ class Autoencoder(nn.Module):
         return self.decode(content_frame, motion_latent), content_frame
 
 
+def middle_frame_loss(content_frame, frames):
+    """||x̄ - x_{L/2}||², the pull of the content frame towards the clip's middle frame.
+
+    Eq. 2 leaves x̄ free to be any per-pixel blend of the frames, and the paper trains the AE on
+    reconstruction alone. Where everything moves, as in the shapes world, a free blend smears a
+    moving shape along its path and turns a rotating square into a disc: the outline then lives
+    in the motion latent, not in x̄, against "all of the content in x̄, all of the change in z",
+    and both diffusion models must learn it. Weighted by --middle-frame-weight (tiny preset 1,
+    paper 0), the pull makes x̄ a frame of the clip at no cost in reconstruction (docs/results.md)."""
+    return F.mse_loss(content_frame, frames[:, frames.shape[1] // 2])
+
+
+def training_loss(model, frames, middle_frame_weight=0.0):
+    """The AE's loss: reconstruction MSE, plus middle_frame_weight times the pull above."""
+    reconstruction, content_frame = model(frames)
+    return F.mse_loss(reconstruction, frames) + middle_frame_weight * middle_frame_loss(content_frame, frames)
+
+
 class FrameSpace:
     """Where the AE works: pixels, or per-frame Stable Diffusion VAE latents (frozen VAE)."""
 
@@ -234,91 +253,29 @@ class FrameSpace:
         return torch.stack(pixels, dim=1).clamp(-1, 1)
 
 
-def load_ae(run_dir, device="cpu", resolution=None):
-    """A trained AE from `runs/<name>` (EMA weights), frozen, plus its frame space. With `resolution`
-    (height, width) it works on videos of that size: its positions are sin-cos functions of the
-    token grid, not learned, so the same weights apply to any grid."""
-    info, state = load_stage(run_dir, "ae")
-    config = AEConfig(**info["config"])
-    ae = Autoencoder(config_at(config, resolution) if resolution else config)
-    ae.load_state_dict(state)
-    return ae.to(device).eval().requires_grad_(False), FrameSpace(ae.config.sd, device)
-
-
-def config_at(config, resolution):
-    """The preset for videos of `resolution` (height, width) pixels: the frame space is the video
-    itself, or its SD latents at 1/8 the size. Sides that the SD VAE's 8x and the AE's patches
-    cannot divide are a ValueError that says which sizes work."""
-    height, width = resolution
-    factor = 8 if config.sd else 1
-    unit = factor * config.patch
-    if height % unit or width % unit:
-        near = f"{max(1, round(height / unit)) * unit}x{max(1, round(width / unit)) * unit}"
-        raise ValueError(f"--resolution {height}x{width}: both sides must be multiples of {unit} (the AE's patch "
-                         f"{config.patch}{' times the SD VAE’s 8x' if config.sd else ''}); {near} would do")
-    return replace(config, height=height // factor, width=width // factor)
-
-
-def check_sd_folder(path, parts=("vae",)):
-    """A local Stable Diffusion folder (diffusers layout) must hold the parts we load; a hub id passes."""
-    if Path(path).exists():
-        for need in (f"{part}/{'scheduler_config' if part == 'scheduler' else 'config'}.json" for part in parts):
-            if not (Path(path) / need).is_file():
-                raise FileNotFoundError(
-                    f"{path} is not a Stable Diffusion folder: it lacks {need}. An SD folder (diffusers layout, "
-                    "e.g. a download of stabilityai/stable-diffusion-2-1-base) holds vae/, unet/ and scheduler/")
-
-
-def middle_frame_loss(content_frame, frames):
-    """||x̄ - x_{L/2}||², the pull of the content frame towards the clip's middle frame.
-
-    Eq. 2 leaves x̄ free to be any per-pixel blend of the frames, and the paper trains the AE on
-    reconstruction alone. Where everything moves, as in the shapes world, a free blend smears a
-    moving shape along its path and turns a rotating square into a disc: the outline then lives
-    in the motion latent, not in x̄, against "all of the content in x̄, all of the change in z",
-    and both diffusion models must learn it. Weighted by --middle-frame-weight (tiny preset 1,
-    paper 0), the pull makes x̄ a frame of the clip at no cost in reconstruction (docs/results.md)."""
-    return F.mse_loss(content_frame, frames[:, frames.shape[1] // 2])
-
-
-def training_loss(model, frames, middle_frame_weight=0.0):
-    """The AE's loss: reconstruction MSE, plus middle_frame_weight times the pull above."""
-    reconstruction, content_frame = model(frames)
-    return F.mse_loss(reconstruction, frames) + middle_frame_weight * middle_frame_loss(content_frame, frames)
-
-
 def psnr(x, y):
     """Peak signal-to-noise ratio of videos in [-1, 1] (peak-to-peak 2), in dB."""
     mse = F.mse_loss(x.clamp(-1, 1), y.clamp(-1, 1))
     return 10 * math.log10(4 / max(mse.item(), 1e-10))
 
 
-def print_costs(config, batch_size=1):
-    """Parameter count and FLOPs of one training step (forward + backward ~ 3x forward),
-    counted on the `meta` device: nothing is allocated."""
-    with torch.device("meta"):
-        ae = Autoencoder(config)
-        frames = torch.empty(batch_size, config.frames, config.channels, config.height, config.width)
-    params = sum(p.numel() for p in ae.parameters())
-    flops, _ = count_flops(lambda: training_loss(ae, frames).backward())
-    height, width = config.video_size
-    print(f"AE: {params / 1e6:.1f} M parameters, {flops / 1e12:.3f} TFLOPs per training step (batch {batch_size}, "
-          f"{height}x{width} videos: {config.frames} x {config.channels} x {config.height} x {config.width} frames)")
-    return params, flops
+def training_step(config, device="meta", batch_size=1):
+    """(model, loss()) of one training step on random frames, built on `device`: what --flops counts
+    and tools/bench.py times."""
+    with torch.device(device):
+        model = Autoencoder(config)
+        frames = torch.randn(batch_size, config.frames, config.channels, config.height, config.width)
+    return model, lambda: training_loss(model, frames)
 
 
-# Training defaults per preset; the flags of data.add_training_args override them.
+# Training defaults per preset, on top of data.PRESET_DATA; the flags of data.add_training_args override them.
 DEFAULTS = {
-    # Chosen on a 2-core CPU for the shapes world (docs/results.md); middle_frame_weight: see middle_frame_loss.
-    "tiny": dict(resolution=(32, 32), data="shapes", steps=2400, batch_size=8, grad_accum=1, lr=2e-3, warmup=0,
-                 decay="none", betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, every=400,
-                 middle_frame_weight=1.0),
+    # Sized for the shapes world on a laptop CPU (docs/results.md); middle_frame_weight: see middle_frame_loss.
+    "tiny": dict(steps=2400, batch_size=8, lr=2e-3, betas=(0.9, 0.99), middle_frame_weight=1.0),
     # The authors' release (NVlabs/CMD, train_ae.py): AdamW lr 1e-5, betas (0.5, 0.9), no weight decay,
-    # no EMA, no gradient clipping, global batch 256 (1 x 32 accumulated x 8 GPUs; one GPU:
-    # --grad-accum 256). The step count is not given; 100k steps of 256 is ours (~2.5 epochs of WebVid-10M).
-    "paper": dict(resolution=(512, 1024), data=None, steps=100_000, batch_size=1, grad_accum=32, lr=1e-5, warmup=0,
-                  decay="none", betas=(0.5, 0.9), weight_decay=0.0, grad_clip=0.0, ema_decay=0.0, every=2000,
-                  middle_frame_weight=0.0),
+    # no EMA, no gradient clipping. The step count is not given; 100k steps of 256 is ours (~2.5 epochs
+    # of WebVid-10M).
+    "paper": dict(steps=100_000, lr=1e-5, betas=(0.5, 0.9), grad_clip=0.0, ema_decay=0.0),
 }
 
 
@@ -327,8 +284,7 @@ def main(argv=None):
     parser.add_argument("--preset", default="tiny", choices=PRESETS)
     parser.add_argument("--sd", type=local_or_name,
                         help="Stable Diffusion folder or hub id: its VAE is the frame space")
-    parser.add_argument("--resolution", type=parse_resolution, help="HEIGHTxWIDTH of the videos, in pixels")
-    parser.add_argument("--middle-frame-weight", type=float,
+    parser.add_argument("--middle-frame-weight", type=float, default=0.0,
                         help="weight of the pull of the content frame towards the clip's middle frame (0: none)")
     add_training_args(parser)
     args = parse_stage_args(parser, "ae", DEFAULTS, argv)
@@ -339,7 +295,9 @@ def main(argv=None):
     except ValueError as e:
         fail(e)
     if args.flops:
-        print_costs(config)
+        (height, width), c = config.video_size, config
+        print_costs("AE", *training_step(config), f"batch 1, {height}x{width} videos: {c.frames} x {c.channels} x "
+                                                   f"{c.height} x {c.width} frames")
         if config.sd:
             print("(the SD VAE encoder that makes the frames is frozen and not counted)")
         return
@@ -379,6 +337,41 @@ def write_preview(ae, frame_space, dataset, path, device, n=4):
     grid = torch.cat(list(rows), dim=-2)  # the n videos stacked along the height
     write_video(path, video_to_uint8(grid.cpu()), fps=8)
     print(f"wrote {path} (input | reconstruction | content frame)")
+
+
+def load_ae(run_dir, device="cpu", resolution=None):
+    """A trained AE from `runs/<name>` (EMA weights), frozen, plus its frame space. With `resolution`
+    (height, width) it works on videos of that size: its positions are sin-cos functions of the
+    token grid, not learned, so the same weights apply to any grid."""
+    info, state = load_stage(run_dir, "ae")
+    config = AEConfig(**info["config"])
+    ae = Autoencoder(config_at(config, resolution) if resolution else config)
+    ae.load_state_dict(state)
+    return ae.to(device).eval().requires_grad_(False), FrameSpace(ae.config.sd, device)
+
+
+def config_at(config, resolution):
+    """The preset for videos of `resolution` (height, width) pixels: the frame space is the video
+    itself, or its SD latents at 1/8 the size. Sides that the SD VAE's 8x and the AE's patches
+    cannot divide are a ValueError that says which sizes work."""
+    height, width = resolution
+    factor = 8 if config.sd else 1
+    unit = factor * config.patch
+    if height % unit or width % unit:
+        near = f"{max(1, round(height / unit)) * unit}x{max(1, round(width / unit)) * unit}"
+        raise ValueError(f"--resolution {height}x{width}: both sides must be multiples of {unit} (the AE's patch "
+                         f"{config.patch}{' times the SD VAE’s 8x' if config.sd else ''}); {near} would do")
+    return replace(config, height=height // factor, width=width // factor)
+
+
+def check_sd_folder(path, parts=("vae",)):
+    """A local Stable Diffusion folder (diffusers layout) must hold the parts we load; a hub id passes."""
+    if Path(path).exists():
+        for need in (f"{part}/{'scheduler_config' if part == 'scheduler' else 'config'}.json" for part in parts):
+            if not (Path(path) / need).is_file():
+                raise FileNotFoundError(
+                    f"{path} is not a Stable Diffusion folder: it lacks {need}. An SD folder (diffusers layout, "
+                    "e.g. a download of stabilityai/stable-diffusion-2-1-base) holds vae/, unet/ and scheduler/")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ parameters (CMD, arXiv 2403.14148, Sec. 3.2). This file holds, in reading order:
      tensors of any shape (b ...), not only images,
   2. the content UNet: Stable Diffusion's (diffusers), or a tiny one trained from scratch,
   3. the frozen OpenCLIP text encoder of SD 2.x (open_clip_torch),
-  4. presets, training defaults and the training main(),
-  5. loaders: SD's UNet and schedule, open_clip text weights, a trained content stage.
+  4. sampling content frames (Algorithm 1, step 2), the presets and the training main(),
+  5. loaders: SD's UNet and schedule, open_clip text weights, a trained content stage,
+  6. what stages 2 and 3 share: the AE's latents of the videos, encoded on the fly or cached.
 
 Run it:
   python content.py                                      # tiny preset, shapes, CPU
@@ -22,26 +23,31 @@ Run it:
   python content.py --preset paper --flops [--resolution 256x512]  # parameters and FLOPs/step on `meta`
 """
 import argparse
+import hashlib
 import json
 import os
+import pickle
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import open_clip
 import torch
+import torch.distributed as dist
 import torch.nn as nn
-from einops import rearrange
 from diffusers import DDIMScheduler, UNet2DConditionModel
+from einops import rearrange
 from open_clip.transformer import TextTransformer
+from safetensors import safe_open
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ae import PRESETS as AE_PRESETS
-from ae import check_sd_folder, config_at, load_ae
-from data import (add_latent_args, add_training_args, count_flops, encode_videos, fail, latent_data, load_stage,
-                  local_or_name, parse_resolution, parse_stage_args, save_safetensors_atomic, setup_distributed, train,
-                  validation_loss, video_to_uint8, write_image, write_json_atomic)
+from ae import SD_MODEL, check_sd_folder, config_at, load_ae
+from data import (add_training_args, fail, first_items, held_out_loss, load_stage, local_or_name, parse_stage_args,
+                  print_costs, save_safetensors_atomic, setup_distributed, train, train_and_val_videos,
+                  video_to_uint8, write_image, write_json_atomic)
 
 # -----------------------------------------------------------------------------
 # 1. Diffusion maths, written out (DDPM: Ho et al. 2020; DDIM: Song et al. 2021)
@@ -71,13 +77,12 @@ class Diffusion:
         # alpha_t (DDIM) = alpha-bar_t (DDPM) = prod_{s<=t} (1 - beta_s)
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         if rescale_betas_zero_snr:
-            # Lin et al. 2024, Alg. 1: SD's schedule ends at alpha_T = 0.0047, so x_T still holds
-            # sqrt(0.0047) = 7% of x_0. Averaged over an image that is enough to carry its mean
-            # colour, which training teaches the UNet to read off x_T; sampling starts from pure
-            # noise, whose random mean then picks the background, whatever the prompt says. Shift
-            # and scale sqrt(alpha_t) so that it ends at exactly 0 (x_T is pure noise in training
-            # too) and starts where it did. diffusers: DDIMScheduler(rescale_betas_zero_snr=True);
-            # SD checkpoints fine-tuned this way say so in their scheduler config (load_sd_unet).
+            # Lin et al. 2024, Alg. 1: SD's schedule ends at alpha_T = 0.0047, so x_T in training still
+            # holds sqrt(0.0047) = 7% of x_0, enough to carry an image's mean colour, which a model learns
+            # to read off x_T, while sampling starts from pure noise. Shift and scale sqrt(alpha_t) so that
+            # it ends at exactly 0 (x_T is pure noise in training too) and starts where it did. diffusers:
+            # DDIMScheduler(rescale_betas_zero_snr=True); SD checkpoints fine-tuned this way say so in
+            # their scheduler config (load_sd_unet).
             root = alphas_cumprod.sqrt()
             root = (root - root[-1]) * root[0] / (root[0] - root[-1])
             alphas_cumprod = root ** 2
@@ -200,9 +205,9 @@ def cfg_output(model_fn, x, t, cond, uncond, scale):
     return out_uncond + scale * (out_cond - out_uncond)
 
 
-def drop_prompts(prompts, p, generator=None):
-    """Replace each prompt by "" with probability p, so one network also learns the
-    unconditional prediction that classifier-free guidance needs."""
+def drop_prompts(prompts, p=0.1, generator=None):
+    """Replace each prompt by "" with probability p (the usual 10%, Ho & Salimans 2022), so one
+    network also learns the unconditional prediction that classifier-free guidance needs."""
     keep = torch.rand(len(prompts), generator=generator) >= p
     return [prompt if k else "" for prompt, k in zip(prompts, keep)]
 
@@ -311,7 +316,16 @@ class TextEncoder(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 4. Presets and training: fine-tune (paper) or train (tiny) the UNet on the AE's content frames
+# 4. Sampling, presets and training: fine-tune (paper) or train (tiny) the UNet on the AE's content frames
+
+@torch.no_grad()
+def sample_content_frames(unet, diffusion, tokens, null_tokens, shape, steps, cfg_scale, generator=None,
+                          progress=True):
+    """Algorithm 1, step 2: content frames x̄_0 (B, *shape) from x̄_T ~ N(0, I) by guided DDIM on the UNet,
+    given the text tokens (B, S, width) of the prompts and of "" (the unconditional branch)."""
+    return diffusion.ddim_sample(unet_model_fn(unet), (len(tokens), *shape), tokens, null_tokens, steps=steps,
+                                 cfg_scale=cfg_scale, generator=generator, progress=progress, desc="content")
+
 
 @dataclass
 class ContentConfig:
@@ -322,50 +336,44 @@ class ContentConfig:
     # unlike eps, it stays a well-scaled target at both ends of the schedule
     prediction_type: str = "v_prediction"
     # ... on a schedule rescaled to zero terminal SNR (Diffusion, Lin et al. 2024), as the tiny DiT's:
-    # x_T is pure noise in training, as where sampling starts. With Min-SNR-5 below, the tiny UNet drew
-    # the prompted shape in 0.99 of its content frames, against 0.85 on SD's schedule (docs/results.md)
-    zero_terminal_snr: bool = False
-    p_uncond: float = 0.1  # prompt dropout for classifier-free guidance (the usual 10%)
-    # Min-SNR-5 loss weights (Diffusion.loss), for training from scratch on a small budget;
-    # the paper fine-tunes SD with the plain loss. On the zero-SNR schedule they leave the noisiest
-    # steps, which set a flat background, almost untrained: the tiny UNet learns the shape word and
-    # not "dark" against "light"; weighting those steps reverses that (docs/results.md)
+    # x_T is pure noise in training, as where sampling starts
+    zero_terminal_snr: bool = True
+    # Min-SNR-5 loss weights (Diffusion.loss), for training from scratch on a small budget; the paper
+    # fine-tunes SD with the plain loss. docs/results.md measures what they trade: on the zero-SNR
+    # schedule they leave the noisiest steps, which set a flat background, almost untrained
     snr_gamma: float | None = 5.0
     cfg_scale: float = 5.0  # guidance of the tiny preset's samples (README)
     sample_steps: int = 50  # paper: 50 DDIM steps
 
 
 PRESETS = {
-    "tiny": ContentConfig(zero_terminal_snr=True),
-    "paper": ContentConfig(text="ViT-H-14", text_pretrained="laion2b_s32b_b79k", snr_gamma=None,
-                           # the paper fine-tunes SD 2.1-base (App. B.3) and guides with w = 7.5 (B.4)
-                           sd="stabilityai/stable-diffusion-2-1-base", cfg_scale=7.5),
+    "tiny": ContentConfig(),
+    # the paper fine-tunes SD 2.1-base (App. B.3) with its text encoder, and guides with w = 7.5 (B.4)
+    "paper": ContentConfig(text="ViT-H-14", text_pretrained="laion2b_s32b_b79k", snr_gamma=None, sd=SD_MODEL,
+                           cfg_scale=7.5),
 }
 
 
-# Training defaults per preset; the flags of data.add_training_args override them.
+# Training defaults per preset, on top of data.PRESET_DATA; the flags of data.add_training_args override them.
 DEFAULTS = {
-    # Chosen on a 2-core CPU for the shapes world, with the latent cache (docs/results.md): within
-    # the same ten minutes, 2,200 steps of 16 draw the prompted shapes far better than 1,600 of 32.
-    # No weight averaging: a run this short improves faster than an average of its recent weights.
-    "tiny": dict(resolution=(32, 32), data="shapes", cache=True, steps=2200, batch_size=16, grad_accum=1, lr=1e-3,
-                 warmup=0, decay="cosine", betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, ema_decay=0.0,
-                 every=500),
+    # Sized for the shapes world on a laptop CPU, with the latent cache (docs/results.md has the runs:
+    # batch 16 for more steps learned the shapes better than batch 32). No weight averaging: a run this
+    # short improves faster than an average of its recent weights.
+    "tiny": dict(steps=2200, batch_size=16, lr=1e-3, decay="cosine", betas=(0.9, 0.99), ema_decay=0.0),
     # Fine-tuning SD 2.x in full, as is common practice (the release has no SD fine-tuning): lr 1e-5
-    # after 500 warm-up steps, AdamW betas (0.9, 0.999), weight decay 1e-2, gradient clip 1, EMA 0.9999;
-    # global batch 256 as the release's diffusion models (1 x 32 accumulated x 8 GPUs; one GPU:
-    # --grad-accum 256). The step count is not given; 50k steps of 256 is ours. Clips are encoded on
-    # the fly (--no-cache): a WebVid-scale dataset cannot be encoded up front.
-    "paper": dict(resolution=(512, 1024), data=None, cache=False, steps=50_000, batch_size=1, grad_accum=32,
-                  lr=1e-5, warmup=500, decay="none", betas=(0.9, 0.999), weight_decay=1e-2, grad_clip=1.0,
-                  ema_decay=0.9999, every=2000),
+    # after 500 warm-up steps, AdamW betas (0.9, 0.999), weight decay 1e-2, gradient clip 1, EMA 0.9999.
+    # The step count is not given; 50k steps of 256 is ours.
+    "paper": dict(steps=50_000, lr=1e-5, warmup=500, weight_decay=1e-2),
 }
 
 
-# Shrinking shapes: their content frame is the shape itself with soft edges, where a moving
-# shape's is a smear along its path and a rotating one's a disc (the weighted sum of Eq. 2).
-SHOWCASE_PROMPTS = [f"a {color} {shape} shrinking on a dark background"
-                    for color in ("red", "green", "blue", "yellow") for shape in ("circle", "square", "triangle")]
+def training_step(unet, frame_shape, text_shape, device="meta", batch_size=1):
+    """loss() of one training step of `unet` on random content frames (C, H, W) and text tokens
+    (S, width), made on `device`: what --flops counts and tools/bench.py times."""
+    with torch.device(device):
+        frames, tokens = torch.randn(batch_size, *frame_shape), torch.randn(batch_size, *text_shape)
+    diffusion = Diffusion(prediction_type="v_prediction")
+    return lambda: diffusion.loss(unet_model_fn(unet), frames, tokens)
 
 
 def build_unet(config, frame_shape, text_width):
@@ -386,11 +394,6 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=PRESETS)
     parser.add_argument("--sd", type=local_or_name, help="Stable Diffusion folder or hub id (its unet/ and scheduler/)")
-    parser.add_argument("--text", type=local_or_name, help="open_clip model name or model-config .json of the text "
-                                                     "encoder (default: the preset's)")
-    parser.add_argument("--text-weights", type=local_or_name, help="local open_clip checkpoint of the text encoder")
-    parser.add_argument("--resolution", type=parse_resolution, help="with --flops: HEIGHTxWIDTH of the videos "
-                                                                    "(training takes the AE's)")
     add_latent_args(parser)
     add_training_args(parser)
     args = parse_stage_args(parser, "content", DEFAULTS, argv)
@@ -399,38 +402,37 @@ def main(argv=None):
     if args.flops:  # on `meta`, at the AE preset's frame shape for --resolution: no run needed
         try:
             frames = config_at(AE_PRESETS[args.preset], args.resolution)
-            text = text_config(config.text)
+            text = text_config(config.text)["text_cfg"]
         except (OSError, ValueError) as e:
             fail(e)
-        return print_costs(config, text, (frames.channels, frames.height, frames.width))
-    # Everything that can be wrong with the input fails here, before training starts.
+        shape = (frames.channels, frames.height, frames.width)
+        with torch.device("meta"):
+            unet = (UNet2DConditionModel(**SD21_UNET_CONFIG) if config.sd
+                    else tiny_unet(text["width"], shape[1:], shape[0]))
+        return print_costs("content UNet", unet, training_step(unet, shape, (text["context_length"], text["width"])),
+                           f"batch 1, {' x '.join(map(str, shape))} content frames")
+    rank, device, text_encoder, ae, frame_space, dataset, val_batch = latent_stage(args, config)
+    shape = (ae.config.channels, ae.config.height, ae.config.width)
+    torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
     try:
-        rank, _, device = setup_distributed()
-        text_encoder = text_encoder_for_run(args.out, config, args.text_weights).to(device)
-        ae, frame_space = load_ae(args.ae or args.out, device)
-        frame_shape = (ae.config.channels, ae.config.height, ae.config.width)
-        torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
-        unet, schedule = build_unet(config, frame_shape, text_encoder.width)
-        dataset, val_batch = latent_data(args, ae, frame_space, device)
-    except (OSError, ValueError, RuntimeError) as e:
+        unet, schedule = build_unet(config, shape, text_encoder.width)
+    except (OSError, ValueError) as e:
         fail(e)
     diffusion = Diffusion(**schedule)
 
     def loss_fn(model, batch):
         content_frame, _, captions = encode_videos(ae, frame_space, batch)
-        tokens = text_encoder(drop_prompts(captions, config.p_uncond))[0]  # CFG: 10% of prompts become ""
+        tokens = text_encoder(drop_prompts(captions))[0]  # guidance: some prompts become ""
         return diffusion.loss(unet_model_fn(model), content_frame, tokens, config.snr_gamma)
-
-    def evaluate(ema):
-        return {"val_loss": validation_loss(loss_fn, ema, val_batch)}
 
     run_config = {"content": asdict(config), "unet": dict(unet.config), "schedule": schedule,
                   "text_weights": args.text_weights}
-    ema = train("content", unet, loss_fn, dataset, args, run_config, evaluate)
+    ema = train("content", unet, loss_fn, dataset, args, run_config, held_out_loss(loss_fn, val_batch))
     if rank == 0:  # under torchrun, one process samples the grid
         prompts = SHOWCASE_PROMPTS if args.data == "shapes" else val_batch[2][:12]
-        frames = sample_content_frames(text_encoder, ema, diffusion, prompts, config.sample_steps, config.cfg_scale,
-                                       frame_shape, torch.Generator(device).manual_seed(0))
+        tokens, null_tokens = text_encoder(prompts)[0], text_encoder([""] * len(prompts))[0]
+        frames = sample_content_frames(ema, diffusion, tokens, null_tokens, shape, config.sample_steps,
+                                       config.cfg_scale, torch.Generator(device).manual_seed(0))
         images = frame_space.decode(frames[:, None])[:, 0]  # (n, 3, H, W) pixels
         path = Path(args.out) / "content-samples.png"
         columns = 3 if len(images) % 3 == 0 else 1
@@ -439,21 +441,10 @@ def main(argv=None):
               if args.data == "shapes" else "held-out captions " + "; ".join(prompts))
 
 
-def print_costs(config, text, frame_shape, batch_size=1):
-    """UNet parameters and FLOPs of one training step (forward + backward), on `meta`; `text` is the
-    text encoder's model config (text_config), whose context is the length of the token sequence."""
-    text_cfg = text["text_cfg"]
-    with torch.device("meta"):
-        unet = (UNet2DConditionModel(**SD21_UNET_CONFIG) if config.sd
-                else tiny_unet(text_cfg["width"], frame_shape[1:], frame_shape[0]))
-        x = torch.empty(batch_size, *frame_shape)
-        tokens = torch.empty(batch_size, text_cfg["context_length"], unet.config.cross_attention_dim)
-        t = torch.zeros(batch_size, dtype=torch.long)
-    params = sum(p.numel() for p in unet.parameters())
-    flops, _ = count_flops(lambda: unet(x, t, encoder_hidden_states=tokens).sample.sum().backward())
-    print(f"content UNet: {params / 1e6:.1f} M parameters, {flops / 1e12:.3f} TFLOPs per training step "
-          f"(batch {batch_size}, {' x '.join(map(str, frame_shape))} content frames)")
-    return params, flops
+# Shrinking shapes: their content frame is the shape itself with soft edges, where a moving
+# shape's is a smear along its path and a rotating one's a disc (the weighted sum of Eq. 2).
+SHOWCASE_PROMPTS = [f"a {color} {shape} shrinking on a dark background"
+                    for color in ("red", "green", "blue", "yellow") for shape in ("circle", "square", "triangle")]
 
 
 # -----------------------------------------------------------------------------
@@ -484,8 +475,10 @@ def load_sd_unet(path_or_id):
 
 def load_open_clip_text_weights(te, path):
     """Fill te's text tower from an open_clip checkpoint file (.bin/.pt/.safetensors)."""
-    # open_clip's loader unwraps {"state_dict": ...} and DDP's "module." prefixes.
-    state = open_clip.factory.load_state_dict(str(path))
+    try:  # open_clip's loader unwraps {"state_dict": ...} and DDP's "module." prefixes
+        state = open_clip.factory.load_state_dict(str(path))
+    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path} is not an open_clip checkpoint that torch can read ({str(e).splitlines()[0]})") from e
     # CLIP checkpoints (ViT-H-14) keep the text tower at the top level, next to "visual.*";
     # CustomTextCLIP ones put it under "text.".
     state = {k.removeprefix("text."): v for k, v in state.items()}
@@ -584,13 +577,96 @@ def load_content(run_dir, device="cpu", text_weights=None):
     return te.to(device), unet.to(device).eval().requires_grad_(False), diffusion, config
 
 
+# -----------------------------------------------------------------------------
+# 6. What stages 2 and 3 share: they train on what the frozen AE makes of each video, its content
+# frame and motion latent, encoded batch by batch on the fly, or read from a cache encoded once.
+
+def add_latent_args(parser):
+    """Flags of the stages that train on the AE's latents (content.py, motion.py)."""
+    parser.add_argument("--ae", default=None, help="run directory of a trained AE (default: --out)")
+    parser.add_argument("--cache", action=argparse.BooleanOptionalAction,
+                        help="encode the dataset with the AE once, keep it as <out>/latents.safetensors (a "
+                             "fixed clip per video: for small datasets; WebVid-scale data is encoded on the fly)")
+    parser.add_argument("--text", type=local_or_name, help="open_clip model name or model-config .json of the text "
+                                                           "encoder (default: the preset's)")
+    parser.add_argument("--text-weights", type=local_or_name, help="local open_clip checkpoint of the text encoder")
+
+
+def latent_stage(args, config):
+    """What stages 2 and 3 start from: (rank, device, the run's text encoder, the frozen AE and its frame
+    space, the training data and a held-out batch of latent_data). A bad input is a one-line error."""
+    try:
+        rank, _, device = setup_distributed()
+        text_encoder = text_encoder_for_run(args.out, config, args.text_weights).to(device)
+        ae, frame_space = load_ae(args.ae or args.out, device)
+        dataset, val_batch = latent_data(args, ae, frame_space, device)
+    except (OSError, ValueError, RuntimeError) as e:
+        fail(e)
+    return rank, device, text_encoder, ae, frame_space, dataset, val_batch
+
+
+def encode_videos(ae, frame_space, batch):
+    """A training batch for stages 2 and 3 -> (content_frame, motion_latent, captions).
+
+    The batch is either (videos, captions) from a video dataset, encoded here by the frozen
+    AE, or (content_frames, motion_latents, captions) from a cache written by cache_latents."""
+    if len(batch) == 3:
+        return batch
+    videos, captions = batch
+    with torch.no_grad():
+        content_frame, motion_latent = ae.encode(frame_space.encode(videos))
+    return content_frame, motion_latent, captions
+
+
 @torch.no_grad()
-def sample_content_frames(te, unet, diffusion, prompts, steps, cfg_scale, shape, generator=None, progress=True,
-                          desc="DDIM"):
-    """prompts -> content frames (B, *shape), DDIM with classifier-free guidance."""
-    cond, uncond = te(prompts)[0], te([""] * len(prompts))[0]
-    return diffusion.ddim_sample(unet_model_fn(unet), (len(prompts), *shape), cond, uncond, steps=steps,
-                                 cfg_scale=cfg_scale, generator=generator, progress=progress, desc=desc)
+def latent_data(args, ae, frame_space, device, val_videos=32):
+    """Stage 2 and 3's data: the training videos of --data (or, with --cache, their content frames
+    and motion latents) and a fixed held-out batch, encoded once: (content frames, motion latents,
+    captions). Unreadable listings fail here, before training starts."""
+    dataset, val_set = train_and_val_videos(args, ae.config.frames, ae.config.video_size)
+    videos, captions = first_items(val_set, val_videos)
+    encoded = [ae.encode(frame_space.encode(chunk.to(device))) for chunk in videos.split(args.batch_size)]
+    val_batch = [torch.cat([c for c, _ in encoded]), torch.cat([m for _, m in encoded]), list(captions)]
+    if not args.cache:
+        return dataset, val_batch
+    # What the cache was made from: the AE's exact weights and the videos. Another AE or other
+    # videos make it stale, and it is encoded again.
+    ae_weights = Path(args.ae or args.out) / "ae.safetensors"
+    source = {"ae_sha256": hashlib.sha256(ae_weights.read_bytes()).hexdigest(), "data": str(args.data),
+              "videos": len(dataset), "seed": args.seed}
+    return cache_latents(ae, frame_space, dataset, Path(args.out) / "latents.safetensors", device, source), val_batch
+
+
+@torch.no_grad()
+def cache_latents(ae, frame_space, dataset, path, device, source, batch_size=64):
+    """Encode every video of `dataset` once and keep the result on disk: stages 2 and 3 then
+    train without running the AE (or the SD VAE) again. `source` (a JSON-able dict) says what
+    the cache is made from; a cache made from anything else is encoded again. Under torchrun
+    rank 0 encodes and the others wait. Returns a dataset of (content_frame, motion_latent, caption)."""
+    path, source = Path(path), json.dumps(source, sort_keys=True)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    up_to_date = False
+    if path.is_file():
+        with safe_open(path, "pt") as f:
+            up_to_date = f.metadata().get("source") == source
+        if not up_to_date and rank == 0:
+            print(f"{path} was encoded by another AE or from other videos: encoding it again")
+    if rank == 0 and not up_to_date:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        content, motion, captions = [], [], []
+        for videos, texts in tqdm(DataLoader(dataset, batch_size=batch_size), desc=f"caching {path.name}"):
+            content_frames, motion_latents = ae.encode(frame_space.encode(videos.to(device)))
+            content.append(content_frames.cpu())
+            motion.append(motion_latents.cpu())
+            captions.extend(texts)
+        tensors = {"content_frames": torch.cat(content), "motion_latents": torch.cat(motion)}
+        save_safetensors_atomic(path, tensors, {"captions": json.dumps(captions), "source": source})
+    if dist.is_initialized():
+        dist.barrier()
+    with safe_open(path, "pt") as f:
+        captions = json.loads(f.metadata()["captions"])
+        content, motion = f.get_tensor("content_frames"), f.get_tensor("motion_latents")
+    return [(c, m, caption) for c, m, caption in zip(content, motion, captions)]
 
 
 if __name__ == "__main__":

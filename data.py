@@ -1,25 +1,19 @@
-"""Data for every stage of CMD: video I/O, the datasets, and the training harness.
+"""The library CMD's stages share. The method starts in ae.py; come here when a stage calls in.
 
-- Video I/O through PyAV: `read_video` / `write_video` move uint8 frames (L, H, W, 3)
-  between files and numpy, `read_clip` decodes only the frames of one clip;
-  `video_to_uint8` / `uint8_to_video` convert to and from the model's float videos
-  (L, 3, H, W) in [-1, 1]. A video size is (height, width) everywhere.
-- Datasets yield `(video, caption)`, video float32 (L, 3, H, W) in [-1, 1]:
-  * `ShapesDataset`, the embedded default: procedurally drawn coloured shapes that move,
-    grow, shrink or rotate, with a caption built from what was drawn. It needs no
-    download and is small enough to train the tiny presets on a CPU.
-  * `VideoCSVDataset`: a CSV of `path,caption` rows, or the `videoid,name` rows of
-    WebVid-10M (the text-video data of the paper's headline FVD).
-  * `VideoFolderDataset`: UCF-101-style class folders; the class name is the caption.
-  `make_dataset(spec, ...)` picks one from a string: "shapes", a .csv file, or a folder,
-  and its "train" or "val" split (held-out videos, never trained on).
-- The training harness shared by all stages (below the datasets).
+  video I/O          read_video (all frames, or one clip), write_video (.mp4, .gif), write_image,
+                     video_to_uint8 / uint8_to_video: uint8 (L, H, W, 3) <-> float (L, 3, H, W) in [-1, 1]
+  the shapes world   ShapesDataset: coloured shapes that move, with captions (the tiny preset's data)
+  video files        VideoCSVDataset (path,caption; WebVid), VideoFolderDataset (UCF-101), make_dataset
+  the command line   fail (a one-line error), the training flags, PRESET_DATA, parse_stage_args
+  the training loop  train: torchrun DDP, accumulation, lr schedule, EMA, resumable checkpoints, metrics
+  FLOPs              count_flops, print_costs (each stage's --flops, and tools/bench.py)
+
+A video size is (height, width) everywhere; datasets yield (video, caption).
 """
 import argparse
 import contextlib
 import copy
 import csv
-import hashlib
 import itertools
 import json
 import math
@@ -36,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -50,55 +45,45 @@ class VideoError(ValueError):
     """A video file that cannot be read; the message names the file."""
 
 
-def read_video(path):
-    """Decode every frame of an mp4/avi/webm/gif/... file -> np.uint8 (L, H, W, 3)."""
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoError(f"{path}: the file has no video stream")
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-    except (av.FFmpegError, OSError) as e:
-        raise VideoError(f"cannot read video {path}: {e}") from e
-    return _stack(path, frames)
+def read_video(path, frames=None, stride=1, start=0):
+    """Decode a video file -> np.uint8 (L, H, W, 3): all of it, or one clip of `frames` frames taken
+    every `stride` frames from frame `start`, equal to all of it [start:start + span:stride] with
+    span = (frames - 1) * stride + 1.
 
-
-def read_clip(path, frames, stride=1, start=None):
-    """Decode one clip: `frames` frames taken every `stride` frames from frame `start`
-    -> np.uint8 (frames, H, W, 3), equal to read_video(path)[start:start + span:stride]
-    with span = (frames - 1) * stride + 1.
-
-    Only the clip is decoded, plus the frames between the keyframe before it and its start:
-    16 frames of a 20 s clip, not all 500. start=None draws a start with torch's RNG
-    (seeded per DataLoader worker), uniformly over the starts whose span fits.
+    A clip is decoded alone, plus the frames between the keyframe before it and its start: 16
+    frames of a 20 s clip, not all 500. start=None draws a start with torch's RNG (seeded per
+    DataLoader worker), uniformly over the starts whose span fits.
     """
-    span = (frames - 1) * stride + 1
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise VideoError(f"{path}: the file has no video stream")
             stream = container.streams.video[0]
-            total = stream.frames or _count_frames(path)  # webm and mkv store no frame count
-            if total < span:
-                raise VideoError(f"{path} has {total} frames, fewer than the {span} needed")
-            if start is None:
-                start = int(torch.randint(total - span + 1, ()))
-            clip = [frame.to_ndarray(format="rgb24")
-                    for frame in itertools.islice(_frames_from(container, stream, start), 0, span, stride)]
+            if frames is None:
+                decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+            else:
+                span = (frames - 1) * stride + 1
+                total = stream.frames or _count_frames(path)  # webm and mkv store no frame count
+                if total < span:
+                    raise VideoError(f"{path} has {total} frames, fewer than the {span} needed")
+                if start is None:
+                    start = int(torch.randint(total - span + 1, ()))
+                decoded = [frame.to_ndarray(format="rgb24")
+                           for frame in itertools.islice(_frames_from(container, stream, start), 0, span, stride)]
     except (av.FFmpegError, OSError) as e:
         raise VideoError(f"cannot read video {path}: {e}") from e
-    if len(clip) < frames:  # the container's frame count was too high
-        raise VideoError(f"{path}: only {len(clip)} of {frames} frames decoded from frame {start} "
+    if frames is not None and len(decoded) < frames:  # the container's frame count was too high
+        raise VideoError(f"{path}: only {len(decoded)} of {frames} frames decoded from frame {start} "
                          f"(the file says it has {total})")
-    return _stack(path, clip)
+    if not decoded or any(f.shape != decoded[0].shape for f in decoded):
+        raise VideoError(f"{path}: no decodable frames, or frames of changing size")
+    return np.stack(decoded)
 
 
 def _frames_from(container, stream, start):
-    """Decoded frames (av.VideoFrame) from frame `start` on, in display order.
-
-    Frame i is shown at pts = pts of frame 0 + i frame durations (at a variable frame rate,
-    a frame near that time): seek to the keyframe before it, then drop the frames decoded
-    before it.
-    """
+    """Decoded frames (av.VideoFrame) from frame `start` on, in display order. Frame i is shown at
+    pts = pts of frame 0 + i frame durations (near it at a variable frame rate): seek to the keyframe
+    before it, then drop the frames decoded before it."""
     decoded = container.decode(stream)
     first = next(decoded, None)
     rate = stream.guessed_rate or stream.average_rate
@@ -130,20 +115,11 @@ def _count_frames(path):
         return sum(1 for packet in container.demux(video=0) if packet.size)
 
 
-def _stack(path, frames):
-    if not frames or any(f.shape != frames[0].shape for f in frames):
-        raise VideoError(f"{path}: no decodable frames, or frames of changing size")
-    return np.stack(frames)
-
-
 def write_video(path, frames, fps=8):
-    """Write np.uint8 frames (L, H, W, 3) as .mp4 (H.264) or .gif, chosen by the suffix.
-
-    H.264 in yuv420p (the pixel format every player accepts) stores colour at half
-    resolution, so both sides must be even: an odd height or width is padded by one
-    repeated edge row/column, and reading the file back gives the padded size.
-    GIF stores 256 colours per frame and delays in 1/100 s (8 fps plays at 8.33 fps).
-    """
+    """Write np.uint8 frames (L, H, W, 3) as .mp4 (H.264) or .gif, chosen by the suffix. H.264 in yuv420p
+    (what every player accepts) stores colour at half resolution: an odd side is padded by one repeated
+    edge row or column. GIF stores 256 colours, here one palette for the whole video (Pillow's median
+    cut, no dithering), and delays in 1/100 s (8 fps plays at 8.33 fps)."""
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"write_video wants uint8 frames (L, H, W, 3), got {frames.dtype} {frames.shape}")
@@ -161,7 +137,12 @@ def write_video(path, frames, fps=8):
             images = [av.VideoFrame.from_ndarray(f, format="rgb24") for f in frames]
         else:
             stream.pix_fmt = "pal8"
-            indices, palette = _palettize(frames)
+            strip = Image.fromarray(frames.reshape(-1, *frames.shape[2:]))  # the frames one below the other
+            indexed = strip.quantize(256, dither=Image.Dither.NONE)
+            colours = np.array(indexed.getpalette(), np.uint8).reshape(-1, 3)  # up to 256
+            palette = np.full((256, 4), 255, np.uint8)  # ARGB rows, opaque
+            palette[:len(colours), 1:] = colours
+            indices = np.asarray(indexed).reshape(frames.shape[:3])
             images = [av.VideoFrame.from_ndarray((i, palette), format="pal8") for i in indices]
         for image in images:
             container.mux(stream.encode(image))
@@ -169,27 +150,8 @@ def write_video(path, frames, fps=8):
 
 
 def write_image(path, image):
-    """Write np.uint8 (H, W, 3) as a PNG (through Pillow, which torchvision already needs)."""
-    from PIL import Image
+    """Write np.uint8 (H, W, 3) as a PNG."""
     Image.fromarray(np.asarray(image)).save(path)
-
-
-def _palettize(frames):
-    """One 256-colour palette for a whole video: colours are grouped into bins of 5 bits
-    per channel, the 256 most frequent bins enter the palette with their mean colour,
-    and every other bin maps to its nearest entry.
-    Returns palette indices (L, H, W) and the palette as ARGB rows (256, 4)."""
-    q = (frames >> 3).astype(np.int64)
-    _, inverse = np.unique((q[..., 0] << 10) | (q[..., 1] << 5) | q[..., 2], return_inverse=True)
-    inverse = inverse.ravel()
-    counts = np.bincount(inverse)
-    means = np.stack([np.bincount(inverse, frames[..., c].ravel()) for c in range(3)], -1) / counts[:, None]
-    popular = means[np.argsort(-counts, kind="stable")[:256]]
-    nearest = ((means[:, None] - popular[None]) ** 2).sum(-1).argmin(1)
-    palette = np.zeros((256, 4), np.uint8)
-    palette[:, 0] = 255  # opaque
-    palette[: len(popular), 1:] = popular.round()
-    return nearest[inverse].reshape(frames.shape[:3]).astype(np.uint8), palette
 
 
 def video_to_uint8(video):
@@ -375,23 +337,18 @@ VAL_FRACTION = 0.05  # the share of a listing held out for validation when it ha
 
 
 class _VideoFileDataset(torch.utils.data.Dataset):
-    """Shared by the file datasets: a random clip of `frames` frames taken every `stride`
-    frames (read_clip), resized to cover `size` = (height, width) and centre-cropped to it
-    (resize_cover).
-
-    Files are only opened when an item is asked for (a listing can hold millions).
-    A file that is unreadable or too short is skipped with a warning, remembered in
-    `self.bad` and counted in `self.skipped` (per process: each DataLoader worker has
-    its own count), and a replacement row is drawn at random, seeded by (seed, index,
-    attempt): the same row in every run, and no row gains the weight of bad neighbours.
-    """
+    """Shared by the file datasets: item i is a random clip of listed file i (read_video), resized to
+    cover `size` = (height, width) and centre-cropped (resize_cover). Files are opened only when asked
+    for (a listing can hold millions). An unreadable or too short file is skipped with a warning and
+    counted in `skipped` (per process), and a replacement row drawn, seeded by (seed, index, attempt):
+    the same row in every run, and no row gains the weight of bad neighbours."""
 
     def __init__(self, source, items, frames, size, stride, seed):
         if not items:
             raise ValueError(f"no videos listed in {source}")
         self.source, self.items = source, items  # items: list of (path, caption)
         self.frames, self.size, self.stride, self.seed = frames, check_size(size), stride, seed
-        self.bad = set()
+        self.bad = set()  # indices of unreadable rows
 
     @property
     def skipped(self):
@@ -417,18 +374,15 @@ class _VideoFileDataset(torch.utils.data.Dataset):
             k = int(np.random.default_rng([self.seed, i, attempt]).integers(len(self.items)))
 
     def load_clip(self, path):
-        clip = uint8_to_video(read_clip(path, self.frames, self.stride))  # (L, 3, H, W), a random start
+        clip = uint8_to_video(read_video(path, self.frames, self.stride, start=None))  # a random start
         return resize_cover(clip, self.size).clamp(-1, 1)  # clamp: float rounding of the interpolation
 
 
 def split_listing(source, items, split, val_fraction, seed):
-    """The (path, caption) rows of one split of a listing: "all", "train" or "val".
-
-    "val" is a fixed slice: the listing's distinct paths, sorted, permuted with `seed`, and
-    the first `val_fraction` of them (at least one when two or more are listed; 0 holds none
-    out). It depends on nothing but the listing and the seed (not even the order of rows),
-    and rows that repeat a video land on the same side. "train" is the rest.
-    """
+    """The (path, caption) rows of one split of a listing: "all", "train" or "val". "val" is a fixed
+    slice: the distinct paths, sorted, permuted with `seed`, the first `val_fraction` of them (at least
+    one of two or more). It depends on the listing and the seed alone (not the order of rows), and rows
+    of one video land on one side. "train" is the rest."""
     if split not in ("all", "train", "val") or not 0 <= val_fraction < 1:
         raise ValueError(f"want split 'all', 'train' or 'val' and 0 <= val_fraction < 1, "
                          f"got {split!r}, {val_fraction}")
@@ -474,12 +428,9 @@ def class_caption(name):
 
 
 class VideoFolderDataset(_VideoFileDataset):
-    """UCF-101 layout: `root/<ClassName>/**/<video>`; the caption is the class name in words.
-
-    Where UCF-101's testlist01.txt lies in root, in root/ucfTrainTestlist or in a
-    ucfTrainTestlist folder beside root, "val" is its official split 1 (the test list) and
-    "train" every other video; otherwise split, val_fraction and seed work as in split_listing.
-    """
+    """UCF-101 layout: `root/<ClassName>/**/<video>`; the caption is the class name in words. Where
+    UCF-101's testlist01.txt lies in root, root/ucfTrainTestlist or ucfTrainTestlist beside root, "val"
+    is its official split 1 and "train" the other videos; otherwise the splits are split_listing's."""
 
     def __init__(self, root, frames=16, size=(32, 32), stride=1, split="all", val_fraction=VAL_FRACTION, seed=0):
         root = Path(root)
@@ -512,20 +463,12 @@ SHAPES_VAL_SEED = 10_000  # the shapes world's "val" split is the world drawn wi
 
 def make_dataset(spec, frames=16, size=(32, 32), stride=1, seed=0, split="train", val_fraction=VAL_FRACTION,
                  val_data=None, **kw):
-    """The dataset a spec names: "shapes" -> ShapesDataset, a .csv path -> VideoCSVDataset,
-    a folder -> VideoFolderDataset, with frames of size = (height, width).
-
-    split "train" and "val" never share a video. The shapes world's "val" is the world drawn
-    with seed + SHAPES_VAL_SEED, and "heldout" its unseen attribute combinations. A file
-    listing's "val" is a fixed slice of it (split_listing; UCF-101's official split 1 where its
-    lists are found), and "train" the rest. val_data, a second spec, replaces the slice:
-    "val" is all of val_data and "train" all of spec ("all": a whole listing).
-
-    `seed` seeds the shapes world, the slice and the replacement of unreadable files; file
-    datasets draw clip starts from torch's RNG. `stride` applies to file datasets; a shape's
-    speed is fixed by the shapes world. Other keywords go to the dataset (num_videos,
-    max_shapes; video_folder).
-    """
+    """The dataset a spec names, with frames of size = (height, width): "shapes" -> ShapesDataset, a .csv
+    -> VideoCSVDataset, a folder -> VideoFolderDataset. Its "train" and "val" splits never share a video:
+    the shapes world's "val" is the world drawn with seed + SHAPES_VAL_SEED ("heldout": its unseen
+    combinations); a listing's is split_listing's slice, or UCF-101's split 1; with val_data, "val" is
+    all of that listing and "train" all of spec. `seed` seeds the shapes, the slice and the replacement
+    of unreadable files (clip starts come from torch's RNG). Other keywords go to the dataset."""
     size = check_size(size)
     if val_data is not None:  # a validation listing of its own: each side is used whole
         spec, split = (val_data if split == "val" else spec), "all"
@@ -543,9 +486,8 @@ def make_dataset(spec, frames=16, size=(32, 32), stride=1, seed=0, split="train"
 
 
 def report_loading_speed(dataset, n=8):
-    """Load n items in this process, print the clips/s and return it. One DataLoader worker
-    loads about this fast, so workers x clips/s below batch x steps/s means data loading,
-    not the model, bounds the training speed. torch's RNG is restored: the run is unchanged."""
+    """Load n items, print the clips/s (one DataLoader worker's speed: workers x clips/s below batch x
+    steps/s means the data bounds training) and return it. torch's RNG is restored: the run is unchanged."""
     n = min(n, len(dataset))
     with torch.random.fork_rng(devices=[]):
         begin = time.perf_counter()
@@ -556,9 +498,7 @@ def report_loading_speed(dataset, n=8):
     return rate
 
 
-# ------------------------------------------------------------------ the training harness
-# Written once, used by ae.py, content.py and motion.py: each stage builds its model and a
-# `loss_fn(model, batch) -> loss`, then calls train().
+# ----------------------------------------------------------------------------- the command line
 
 def fail(message):
     """A user's mistake: one line on stderr that names it, exit status 2, no traceback."""
@@ -583,54 +523,65 @@ def parse_resolution(text):
     return height, width
 
 
+# What a preset trains on, the same for all three stages; each stage's DEFAULTS row adds its own recipe.
+PRESET_DATA = {
+    # the shapes world, small enough to encode once (--cache)
+    "tiny": dict(data="shapes", resolution=(32, 32), cache=True, every=500),
+    # your videos (WebVid-10M in the paper), encoded on the fly; the paper's global batch of 256 as the
+    # authors' release makes it: 1 video x 32 accumulated x 8 GPUs (one GPU: --grad-accum 256)
+    "paper": dict(data=None, resolution=(512, 1024), cache=False, batch_size=1, grad_accum=32, every=2000),
+}
+
+
 def add_training_args(parser):
-    """The flags every stage shares. Their defaults are the stage's DEFAULTS[--preset] table,
-    which sits next to the stage's own flags (parse_stage_args)."""
+    """The flags every stage shares. A default here holds unless the --preset's row (PRESET_DATA and the
+    stage's DEFAULTS, parse_stage_args) names the flag."""
     data = parser.add_argument_group("data")
     data.add_argument("--data", help='"shapes", a CSV of path,caption (or WebVid\'s videoid,name), or a folder '
                                      "of class folders (UCF-101)")
-    data.add_argument("--val-data", default=None, help="a separate listing to validate on (default: a held-out "
-                                                        "slice of --data, or UCF-101's testlist01)")
-    data.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
-                      help="share of the listed videos held out for validation")
-    data.add_argument("--stride", type=int, default=1,
-                      help="take every stride-th frame of a file (the shapes world ignores it)")
-    data.add_argument("--num-workers", type=int, default=-1,
-                      help="DataLoader worker processes (-1: 8 per GPU on CUDA, 0 on the CPU)")
+    data.add_argument("--resolution", type=parse_resolution, help="HEIGHTxWIDTH of the videos in pixels (stages "
+                                                                  "2 and 3 train at their AE's; --flops counts at it)")
+    data.add_argument("--val-data", help="a listing to validate on (default: a held-out slice of --data, or "
+                                         "UCF-101's testlist01)")
+    data.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="share of --data held out")
+    data.add_argument("--stride", type=int, default=1, help="take every stride-th frame of a file")
+    data.add_argument("--num-workers", type=int, default=-1, help="DataLoader workers (-1: 8 per GPU, 0 on a CPU)")
     run = parser.add_argument_group("run")
-    run.add_argument("--out", default=None, help="run directory, one for every stage (default: runs/<preset>)")
+    run.add_argument("--out", help="run directory, one for every stage (default: runs/<preset>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--flops", action="store_true", help="print parameters and FLOPs (on `meta`), then exit")
     run.add_argument("--every", type=int, help="validate and checkpoint every N steps")
-    run.add_argument("--minutes", type=float, default=0,
-                     help="also stop, with a checkpoint, after this many minutes of training (0: no limit)")
+    run.add_argument("--minutes", type=float, default=0, help="also stop, with a checkpoint, after this many "
+                                                              "minutes of training (0: no limit)")
     optim = parser.add_argument_group("optimisation (AdamW)")
     optim.add_argument("--steps", type=int, help="total optimizer steps")
     optim.add_argument("--batch-size", type=int, help="videos per process and forward pass")
-    optim.add_argument("--grad-accum", type=int, help="forward passes accumulated per optimizer step: the "
-                                                      "effective batch is batch-size x grad-accum x processes")
+    optim.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimizer step: the "
+                                                                 "batch is batch-size x grad-accum x processes")
     optim.add_argument("--lr", type=float, help="peak learning rate")
-    optim.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up from 0")
+    optim.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up from 0")
     optim.add_argument("--decay", choices=("none", "cosine"), default="none",
                        help="after the warm-up: a constant --lr, or a cosine down to --lr / 10 at --steps")
-    optim.add_argument("--betas", type=float, nargs=2, help="AdamW's beta1 beta2")
-    optim.add_argument("--weight-decay", type=float)
-    optim.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (0: no clipping)")
-    optim.add_argument("--ema-decay", type=float,
-                       help="weight averaging of the saved model (0: none, the trained weights themselves)")
+    optim.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW's beta1 beta2")
+    optim.add_argument("--weight-decay", type=float, default=0.0)
+    optim.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: none)")
+    optim.add_argument("--ema-decay", type=float, default=0.9999, help="weight averaging of the saved model, "
+                                                                       "DiT's 0.9999 (0: none)")
     optim.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory")
 
 
 def parse_stage_args(parser, stage, defaults, argv=None):
-    """Parse a stage's flags: --preset first, then that preset's row of `defaults` fills every flag
-    the command line left out. --help lists every preset's row."""
-    parser.epilog = "defaults per --preset (DEFAULTS in the stage's file says where each comes from):\n" + "\n".join(
-        f"  {preset}: " + ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in row.items())
-        for preset, row in defaults.items())
-    parser.set_defaults(**defaults["tiny"])
-    preset = parser.parse_known_args(argv)[0].preset
-    parser.set_defaults(**defaults[preset])
+    """Parse a stage's flags: the --preset's row of PRESET_DATA, then of the stage's `defaults`, fill
+    the flags the command line leaves out. --help lists each preset's rows."""
+    flags = {action.dest for action in parser._actions}
+    rows = {preset: {k: v for k, v in {**PRESET_DATA[preset], **row}.items() if k in flags}
+            for preset, row in defaults.items()}
+    parser.epilog = "defaults per --preset (PRESET_DATA in data.py, the stage's DEFAULTS, with sources):\n" + "\n".join(
+        f"  {preset}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in row.items())
+        for preset, row in rows.items())
+    parser.set_defaults(**rows["tiny"])
+    parser.set_defaults(**rows[parser.parse_known_args(argv)[0].preset])
     args = parser.parse_args(argv)
     args.out = args.out or f"runs/{args.preset}"
     if args.data is None and not args.flops:
@@ -652,14 +603,32 @@ def parse_stage_args(parser, stage, defaults, argv=None):
 
 def check_run_dir(run_dir, stage, resume):
     """A new run must not overwrite a finished one, and --resume needs a checkpoint to go on from."""
-    checkpoint = Path(run_dir) / f"{stage}-train.json"
     if not resume and (Path(run_dir) / f"{stage}.json").exists():
         raise FileExistsError(f"{run_dir} already holds this stage's run ({stage}.json): pass --resume to "
                               "continue it, or --out to start a new one")
-    if resume and not checkpoint.exists():
-        raise FileNotFoundError(f"--resume, but {run_dir} holds no {stage} checkpoint ({checkpoint.name}) "
+    if resume and not (Path(run_dir) / f"{stage}-train.pt").exists():
+        raise FileNotFoundError(f"--resume, but {run_dir} holds no {stage} checkpoint ({stage}-train.pt) "
                                 "to continue from: leave out --resume to start")
 
+
+def train_and_val_videos(args, frames, size):
+    """--data's training videos and its held-out ones (make_dataset's "train" and "val"). A few clips
+    are read to report the loading speed, so a listing of unreadable files fails here, not in training."""
+    video = dict(frames=frames, size=size, stride=args.stride, seed=args.seed, val_fraction=args.val_fraction,
+                 val_data=args.val_data)
+    dataset, val_set = (make_dataset(args.data, split=split, **video) for split in ("train", "val"))
+    report_loading_speed(dataset)
+    return dataset, val_set
+
+
+def first_items(dataset, n):
+    """The first n items of a dataset as one batch: a fixed validation batch."""
+    return list(next(iter(DataLoader(dataset, batch_size=min(n, len(dataset))))))
+
+
+# ----------------------------------------------------------------------------- the training loop
+# Written once, used by ae.py, content.py and motion.py: each stage builds its model and a
+# `loss_fn(model, batch) -> loss`, then calls train().
 
 def setup_distributed():
     """-> (rank, world size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain
@@ -676,106 +645,6 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def write_json_atomic(path, obj):
-    """Write to a temp file then os.replace: a crash never leaves a half-written file."""
-    tmp = f"{path}.{os.getpid()}.tmp"  # per process, as in save_safetensors_atomic
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def save_safetensors_atomic(path, tensors, metadata=None):
-    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two stages may write the same cache at once
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
-
-
-def load_stage(run_dir, stage, device="cpu"):
-    """Read `<run_dir>/<stage>.json` and `<stage>.safetensors` -> (info dict, state_dict)."""
-    json_path, weights_path = Path(run_dir) / f"{stage}.json", Path(run_dir) / f"{stage}.safetensors"
-    for path in (json_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: train this stage first (python {stage}.py --out {run_dir})")
-    with open(json_path) as f:
-        info = json.load(f)
-    with safe_open(weights_path, "pt", device=str(device)) as f:
-        step = int(f.metadata()["step"])
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    if step != info["step"]:
-        raise RuntimeError(f"{run_dir} is half-written ({stage}.json is at step {info['step']}, "
-                           f"{stage}.safetensors at step {step}): rerun with --resume to rewrite it")
-    return info, state
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    # DiT-style EMA of the weights; sampling uses the EMA copy.
-    for ema_p, p in zip(ema.parameters(), model.parameters()):
-        ema_p.lerp_(p, 1 - decay)
-    for ema_b, b in zip(ema.buffers(), model.buffers()):
-        ema_b.copy_(b)
-
-
-def save_checkpoint(run_dir, stage, model, ema, opt, step, config, world):
-    """Two kinds of files: `<stage>.*` (EMA weights + config: what later stages load) and
-    `<stage>-train.*` (raw weights, optimizer, RNG: what --resume needs)."""
-    rng = [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if torch.cuda.is_available() else [])
-    per_rank = [None] * world
-    if world > 1:
-        dist.all_gather_object(per_rank, rng)
-    else:
-        per_rank = [rng]
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
-    opt_state = opt.state_dict()
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    for i, state in opt_state["state"].items():
-        tensors.update({f"opt.{i}.{k}": v for k, v in state.items()})
-    for rank, states in enumerate(per_rank):
-        tensors.update({f"rng.{rank}.{j}": s for j, s in enumerate(states)})
-    save_safetensors_atomic(run_dir / f"{stage}-train.safetensors", tensors, {"step": str(step)})
-    write_json_atomic(run_dir / f"{stage}-train.json", {"step": step, "param_groups": opt_state["param_groups"]})
-    save_stage(run_dir, stage, ema, step, config)
-
-
-def save_stage(run_dir, stage, model, step, config):
-    """`<stage>.safetensors` (weights) + `<stage>.json` (config): what load_stage reads back."""
-    save_safetensors_atomic(Path(run_dir) / f"{stage}.safetensors", model.state_dict(), {"step": str(step)})
-    write_json_atomic(Path(run_dir) / f"{stage}.json", {"stage": stage, "step": step, "config": config})
-
-
-def load_checkpoint(run_dir, stage, model, ema, opt, rank, world):
-    """Restore model, EMA, optimizer and this rank's RNG; returns the step to continue from."""
-    info, ema_state = load_stage(run_dir, stage)
-    with open(run_dir / f"{stage}-train.json") as f:
-        train_info = json.load(f)
-    with safe_open(run_dir / f"{stage}-train.safetensors", "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if train_info["step"] != info["step"]:
-        raise RuntimeError(f"{run_dir}: {stage}-train.json and {stage}.json disagree on the step; "
-                           "the last checkpoint was interrupted, delete the run or its newer files")
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    ema.load_state_dict(ema_state)
-    opt_state = {"state": {}, "param_groups": train_info["param_groups"]}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, i, name = key.split(".", 2)
-            opt_state["state"].setdefault(int(i), {})[name] = value
-    opt.load_state_dict(opt_state)
-    rng = [tensors[k] for k in sorted(tensors) if k.startswith(f"rng.{rank}.")]
-    if rng and world == sum(k.endswith(".0") for k in tensors if k.startswith("rng.")):
-        torch.set_rng_state(rng[0])
-        if len(rng) > 1 and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng[1])
-    else:
-        warnings.warn(f"resuming on {world} processes from a checkpoint saved on another count: fresh RNG")
-    return info["step"]
-
-
-def to_device(batch, device):
-    return [x.to(device, non_blocking=True) if torch.is_tensor(x) else x for x in batch]
-
-
 def learning_rate(step, args):
     """The learning rate of optimizer step `step` (0-based): a linear warm-up to --lr, then --lr,
     or with --decay cosine half a cosine from --lr down to --lr / 10 at --steps (nanoGPT's
@@ -786,6 +655,15 @@ def learning_rate(step, args):
         return args.lr
     progress = (step - args.warmup) / max(1, args.steps - args.warmup)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    # DiT-style EMA of the weights; sampling uses the EMA copy.
+    for ema_p, p in zip(ema.parameters(), model.parameters()):
+        ema_p.lerp_(p, 1 - decay)
+    for ema_b, b in zip(ema.buffers(), model.buffers()):
+        ema_b.copy_(b)
 
 
 def train(stage, model, loss_fn, dataset, args, config, evaluate=None):
@@ -810,12 +688,15 @@ def train(stage, model, loss_fn, dataset, args, config, evaluate=None):
     per_step = args.batch_size * args.grad_accum  # videos one process uses per optimizer step
     steps_per_epoch = len(sampler) // per_step
     if steps_per_epoch == 0:
-        raise ValueError(f"dataset of {len(dataset)} videos is smaller than one step's "
-                         f"{args.batch_size} x {args.grad_accum} x {world} videos")
+        fail(f"{stage}: {len(dataset)} training videos are fewer than one optimizer step takes, --batch-size "
+             f"{args.batch_size} x --grad-accum {args.grad_accum} x {world} processes: lower --grad-accum or "
+             f"--batch-size, or list more videos")
     step = 0
+    run_dir.mkdir(parents=True, exist_ok=True)
     if args.resume:
         step = load_checkpoint(run_dir, stage, model, ema, opt, rank, world)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            forget_metrics_after(run_dir / "metrics.jsonl", stage, step)
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     workers = args.num_workers if args.num_workers >= 0 else (8 if device.type == "cuda" else 0)
     metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
@@ -840,7 +721,8 @@ def train(stage, model, loss_fn, dataset, args, config, evaluate=None):
             syncs = micro % args.grad_accum == 0  # DDP averages gradients across ranks in this backward only
             with ddp_model.no_sync() if world > 1 and not syncs else contextlib.nullcontext():
                 with autocast:
-                    loss = loss_fn(ddp_model, to_device(micro_batch, device)) / args.grad_accum
+                    micro_batch = [x.to(device, non_blocking=True) if torch.is_tensor(x) else x for x in micro_batch]
+                    loss = loss_fn(ddp_model, micro_batch) / args.grad_accum
                 loss.backward()
             step_loss += loss.detach()
             if not syncs:
@@ -904,6 +786,109 @@ def log_metrics(file, **values):
     file.flush()
 
 
+def forget_metrics_after(path, stage, step):
+    """On --resume: drop the lines `stage` logged after its checkpoint's `step` (a killed run's last
+    steps, and a line it was writing when killed), so the resumed run logs each step once."""
+    def kept(line):
+        try:
+            values = json.loads(line)
+        except json.JSONDecodeError:
+            return False
+        return values["stage"] != stage or values["step"] <= step
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines(keepends=True) if kept(line)]
+        write_atomic(path, lambda tmp: Path(tmp).write_text("".join(lines)))
+
+
+def held_out_loss(loss_fn, batch, seed=0):
+    """An `evaluate` for train(): {"val_loss": loss_fn on a fixed held-out batch}, its noise and timesteps
+    drawn from `seed` (the global RNG untouched): the same draw at every evaluation, so the number moves
+    only when the model does."""
+    @torch.no_grad()
+    def evaluate(model):
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            torch.manual_seed(seed)
+            return {"val_loss": loss_fn(model, batch).item()}
+    return evaluate
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def write_atomic(path, write):
+    """write(temp path), then os.replace: a crash never leaves a half-written file."""
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two stages may write the same file at once
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path, obj):
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
+
+
+def save_safetensors_atomic(path, tensors, metadata=None):
+    write_atomic(path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
+                                             metadata=metadata))
+
+
+def save_stage(run_dir, stage, model, step, config):
+    """`<stage>.safetensors` (weights) + `<stage>.json` (config): what load_stage reads back."""
+    save_safetensors_atomic(Path(run_dir) / f"{stage}.safetensors", model.state_dict(), {"step": str(step)})
+    write_json_atomic(Path(run_dir) / f"{stage}.json", {"stage": stage, "step": step, "config": config})
+
+
+def load_stage(run_dir, stage, device="cpu"):
+    """Read `<run_dir>/<stage>.json` and `<stage>.safetensors` -> (info dict, state_dict)."""
+    json_path, weights_path = Path(run_dir) / f"{stage}.json", Path(run_dir) / f"{stage}.safetensors"
+    for path in (json_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: train this stage first (python {stage}.py --out {run_dir})")
+    with open(json_path) as f:
+        info = json.load(f)
+    with safe_open(weights_path, "pt", device=str(device)) as f:
+        step = int(f.metadata()["step"])
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if step != info["step"]:
+        raise RuntimeError(f"{run_dir} is half-written ({stage}.json is at step {info['step']}, "
+                           f"{stage}.safetensors at step {step}): rerun with --resume to rewrite it")
+    return info, state
+
+
+def save_checkpoint(run_dir, stage, model, ema, opt, step, config, world):
+    """Two kinds of files: `<stage>.*` (EMA weights + config: what later stages load) and
+    `<stage>-train.pt` (raw weights, optimizer, every rank's RNG: what --resume needs), written first."""
+    rng = [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if torch.cuda.is_available() else [])
+    per_rank = [rng]
+    if world > 1:
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, rng)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    state = {"step": step, "model": model.state_dict(), "opt": opt.state_dict(), "rng": per_rank}
+    write_atomic(run_dir / f"{stage}-train.pt", lambda tmp: torch.save(state, tmp))
+    save_stage(run_dir, stage, ema, step, config)
+
+
+def load_checkpoint(run_dir, stage, model, ema, opt, rank, world):
+    """Restore model, EMA, optimizer and this rank's RNG; returns the step to continue from."""
+    info, ema_state = load_stage(run_dir, stage)
+    state = torch.load(run_dir / f"{stage}-train.pt", map_location="cpu", weights_only=True)
+    if state["step"] != info["step"]:
+        raise RuntimeError(f"{run_dir}: {stage}-train.pt and {stage}.json disagree on the step; "
+                           "the last checkpoint was interrupted, delete the run or its newer files")
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(ema_state)
+    opt.load_state_dict(state["opt"])
+    if len(state["rng"]) == world:
+        torch.set_rng_state(state["rng"][rank][0])
+        if len(state["rng"][rank]) > 1 and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng"][rank][1])
+    else:
+        warnings.warn(f"resuming on {world} processes from a checkpoint saved on another count: fresh RNG")
+    return info["step"]
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
 def count_flops(fn):
     """(all FLOPs, attention FLOPs) of `fn()`, as PyTorch's FlopCounterMode counts them: 2 per
     multiply-add of matmuls and convolutions; elementwise ops and norms count 0. It works on the
@@ -915,101 +900,10 @@ def count_flops(fn):
     return counter.get_total_flops(), counter.get_flop_counts()["Global"].get(torch.ops.aten.bmm, 0)
 
 
-@torch.no_grad()
-def validation_loss(loss_fn, model, batch, seed=0):
-    """loss_fn on a fixed held-out batch with fixed noise and timesteps (seeded, global RNG untouched):
-    the same draw at every evaluation, so the number moves only when the model does."""
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        torch.manual_seed(seed)
-        return loss_fn(model, batch).item()
-
-
-def first_items(dataset, n):
-    """The first n items of a dataset as one batch: a fixed validation batch."""
-    return list(next(iter(DataLoader(dataset, batch_size=min(n, len(dataset))))))
-
-
-# ------------------------------------------------------------------ latents, for stages 2 and 3
-# The content and motion stages train on what the frozen AE makes of each video: its content
-# frame and motion latent. They encode every batch on the fly, or read a cache encoded once.
-
-def add_latent_args(parser):
-    """Flags of the stages that train on the AE's latents (content.py, motion.py)."""
-    parser.add_argument("--ae", default=None, help="run directory of a trained AE (default: --out)")
-    parser.add_argument("--cache", action=argparse.BooleanOptionalAction,
-                        help="encode the dataset with the AE once, keep it as <out>/latents.safetensors (a "
-                             "fixed clip per video: for small datasets; WebVid-scale data is encoded on the fly)")
-
-
-def encode_videos(ae, frame_space, batch):
-    """A training batch for stages 2 and 3 -> (content_frame, motion_latent, captions).
-
-    The batch is either (videos, captions) from a video dataset, encoded here by the frozen
-    AE, or (content_frames, motion_latents, captions) from a cache written by cache_latents."""
-    if len(batch) == 3:
-        return batch
-    videos, captions = batch
-    with torch.no_grad():
-        content_frame, motion_latent = ae.encode(frame_space.encode(videos))
-    return content_frame, motion_latent, captions
-
-
-def train_and_val_videos(args, frames, size):
-    """--data's training videos and its held-out ones (make_dataset's "train" and "val"). A few clips
-    are read to report the loading speed, so a listing of unreadable files fails here, not in training."""
-    video = dict(frames=frames, size=size, stride=args.stride, seed=args.seed, val_fraction=args.val_fraction,
-                 val_data=args.val_data)
-    dataset, val_set = (make_dataset(args.data, split=split, **video) for split in ("train", "val"))
-    report_loading_speed(dataset)
-    return dataset, val_set
-
-
-@torch.no_grad()
-def latent_data(args, ae, frame_space, device, val_videos=32):
-    """Stage 2 and 3's data: the training videos of --data (or, with --cache, their content frames
-    and motion latents) and a fixed held-out batch, encoded once: (content frames, motion latents,
-    captions). Unreadable listings fail here, before training starts."""
-    dataset, val_set = train_and_val_videos(args, ae.config.frames, ae.config.video_size)
-    videos, captions = first_items(val_set, val_videos)
-    encoded = [ae.encode(frame_space.encode(chunk.to(device))) for chunk in videos.split(args.batch_size)]
-    val_batch = [torch.cat([c for c, _ in encoded]), torch.cat([m for _, m in encoded]), list(captions)]
-    if not args.cache:
-        return dataset, val_batch
-    # What the cache was made from: the AE's exact weights and the videos. Another AE or other
-    # videos make it stale, and it is encoded again.
-    ae_weights = Path(args.ae or args.out) / "ae.safetensors"
-    source = {"ae_sha256": hashlib.sha256(ae_weights.read_bytes()).hexdigest(), "data": str(args.data),
-              "videos": len(dataset), "seed": args.seed}
-    return cache_latents(ae, frame_space, dataset, Path(args.out) / "latents.safetensors", device, source), val_batch
-
-
-@torch.no_grad()
-def cache_latents(ae, frame_space, dataset, path, device, source, batch_size=64):
-    """Encode every video of `dataset` once and keep the result on disk: stages 2 and 3 then
-    train without running the AE (or the SD VAE) again. `source` (a JSON-able dict) says what
-    the cache is made from; a cache made from anything else is encoded again. Under torchrun
-    rank 0 encodes and the others wait. Returns a dataset of (content_frame, motion_latent, caption)."""
-    path, source = Path(path), json.dumps(source, sort_keys=True)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    up_to_date = False
-    if path.is_file():
-        with safe_open(path, "pt") as f:
-            up_to_date = f.metadata().get("source") == source
-        if not up_to_date and rank == 0:
-            print(f"{path} was encoded by another AE or from other videos: encoding it again")
-    if rank == 0 and not up_to_date:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        content, motion, captions = [], [], []
-        for videos, texts in tqdm(DataLoader(dataset, batch_size=batch_size), desc=f"caching {path.name}"):
-            content_frames, motion_latents = ae.encode(frame_space.encode(videos.to(device)))
-            content.append(content_frames.cpu())
-            motion.append(motion_latents.cpu())
-            captions.extend(texts)
-        tensors = {"content_frames": torch.cat(content), "motion_latents": torch.cat(motion)}
-        save_safetensors_atomic(path, tensors, {"captions": json.dumps(captions), "source": source})
-    if dist.is_initialized():
-        dist.barrier()
-    with safe_open(path, "pt") as f:
-        captions = json.loads(f.metadata()["captions"])
-        content, motion = f.get_tensor("content_frames"), f.get_tensor("motion_latents")
-    return [(c, m, caption) for c, m, caption in zip(content, motion, captions)]
+def print_costs(name, model, loss, what):
+    """--flops: `model`'s parameters and the FLOPs of one training step, loss().backward() (about three
+    forwards), for `what` (the batch and its shapes). The caller builds both on the `meta` device."""
+    params = sum(p.numel() for p in model.parameters())
+    flops, _ = count_flops(lambda: loss().backward())
+    print(f"{name}: {params / 1e6:.1f} M parameters, {flops / 1e12:.3f} TFLOPs per training step ({what})")
+    return params, flops

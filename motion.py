@@ -27,11 +27,10 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from ae import PRESETS as AE_PRESETS
-from ae import config_at, load_ae, sincos, sincos_grid
+from ae import config_at, sincos, sincos_grid
 from content import PRESETS as CONTENT_PRESETS
-from content import Diffusion, drop_prompts, text_encoder_for_run
-from data import (add_latent_args, add_training_args, count_flops, encode_videos, fail, latent_data, load_stage,
-                  local_or_name, parse_resolution, parse_stage_args, setup_distributed, train, validation_loss,
+from content import Diffusion, TextEncoder, add_latent_args, drop_prompts, encode_videos, latent_stage, text_config
+from data import (add_training_args, fail, held_out_loss, load_stage, parse_stage_args, print_costs, train,
                   video_to_uint8, write_video)
 
 
@@ -52,8 +51,11 @@ class MotionConfig:
     # text features from content.TextEncoder: tokens (B, S, text_dim), S its context, pooled (B, pooled_dim)
     text_dim: int = 64
     pooled_dim: int = 64
-    cross_attention: bool = False  # our addition: blocks also attend to the text tokens
-    pool_text: bool = False  # our addition: c also gets the text tokens, attention-pooled
+    # our additions for a small random text encoder, whose pooled feature hardly tells one direction word
+    # from another (docs/results.md): blocks also attend to the text tokens, and c also gets them,
+    # attention-pooled
+    cross_attention: bool = True
+    pool_text: bool = True
     # transformer width (see DIT_SIZES)
     hidden: int = 128
     depth: int = 4
@@ -64,13 +66,14 @@ class MotionConfig:
     # stays a well-scaled target at both ends of it
     prediction_type: str = "v_prediction"
     # ... rescaled to zero terminal SNR (content.Diffusion, Lin et al. 2024): otherwise x_T in training
-    # still holds 7% of z, enough for the DiT to read which way the shape moves off the noise rather
-    # than off the prompt, and sampling starts from pure noise
-    zero_terminal_snr: bool = False
-    # training only: Min-SNR-gamma loss weights (content.Diffusion.loss), or None (the default) for the
-    # plain loss, as in the paper. Min-SNR weighs the noisiest steps, where the DiT decides which way a
-    # shape moves, by about their SNR (near 0): with it the tiny DiT reversed a third of the directions
+    # still holds 7% of z, enough to read which way the shape moves off the noise rather than off the
+    # prompt, while sampling starts from pure noise
+    zero_terminal_snr: bool = True
+    # training only: Min-SNR-gamma loss weights (content.Diffusion.loss), or None for the plain loss,
+    # as in the paper. Min-SNR weighs the noisiest steps, where the DiT decides which way a shape moves,
+    # by about their SNR, near 0 (docs/results.md measures what that does to the directions)
     snr_gamma: float | None = None
+    cfg_scale: float = 3.0  # guidance of the motion latent's samples
 
     def __post_init__(self):
         # A token must not straddle the height/width boundary of z, nor the frame edge.
@@ -84,13 +87,6 @@ class MotionConfig:
                              f"{self.frame_height}x{self.frame_width} content frame: pick a --resolution it divides")
         assert self.hidden % self.heads == 0 and (self.hidden // self.heads) % 2 == 0
 
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        return cls(**d)
-
 
 # DiT's widths (Peebles & Xie 2023, Table 1), plus a CPU-sized one.
 DIT_SIZES = {
@@ -103,19 +99,16 @@ DIT_SIZES = {
 
 PRESETS = {
     # 32x32 pixel shapes videos; the AE's tiny preset gives z of 16 x (8 + 8) x 8.
-    # Which way a shape moves is one word of the prompt ("left", "up"), and the small random text
-    # encoder's pooled feature hardly carries it (cosine 0.99 between "... moving up ..." and "...
-    # moving down ..."): the tiny DiT reads the text tokens, by cross-attention and, for the adaLN
-    # condition, by attention pooling (docs/results.md).
-    "tiny": MotionConfig(cross_attention=True, pool_text=True, zero_terminal_snr=True, **DIT_SIZES["tiny"]),
+    "tiny": MotionConfig(),
     # WebVid-10M text-to-video at 512x1024, frames as SD-2.1 latents 4x64x128. Paper:
     # DiT-XL/2 "for WebVid-10M" (Sec. 4.1); z of L x (H'+W') x D = 16 x (32+64) x 8
     # (Table 5); z patch 2 and content-frame patch 8 (Table 6); OpenCLIP ViT-H text,
     # 1024-d, with no cross-attention (App. B.3: only a linear projection into the adaLN).
+    # Guidance: the paper gives none for the motion; 3 is ours.
     "paper": MotionConfig(
         frames=16, latent_h=32, latent_w=64, latent_dim=8, patch_frames=2, patch_tokens=2,
-        frame_channels=4, frame_height=64, frame_width=128, content_patch=8,
-        text_dim=1024, pooled_dim=1024, cross_attention=False, **DIT_SIZES["XL"]),
+        frame_channels=4, frame_height=64, frame_width=128, content_patch=8, text_dim=1024, pooled_dim=1024,
+        cross_attention=False, pool_text=False, zero_terminal_snr=False, **DIT_SIZES["XL"]),
 }
 
 
@@ -292,6 +285,23 @@ class MotionDiT(nn.Module):
         return rearrange(x, "b (l n) (p q d) -> b (l p) (n q) d", n=self.grid[1], p=pf, q=pt)
 
 
+def dit_model_fn(model):
+    """The DiT as a Diffusion model_fn(z, t, cond) with cond = (content_frame, text_tokens, text_pooled)."""
+    return lambda z, t, cond: model(z, t, *cond)
+
+
+@torch.no_grad()
+def sample_motion(model, diffusion, content_frame, text, null_text, steps, cfg_scale, generator=None, progress=True):
+    """Algorithm 1, step 3: motion latents z_0 (B, L, H'+W', D) from z_T ~ N(0, I) by guided DDIM on the DiT,
+    for content frames (B, C, H, W) and the text features (tokens, pooled) of the prompts and of "". As in
+    the paper, guidance drops only the text: both branches see x̄."""
+    c = model.config
+    shape = (len(content_frame), c.frames, c.latent_h + c.latent_w, c.latent_dim)
+    return diffusion.ddim_sample(dit_model_fn(model), shape, (content_frame, *text), (content_frame, *null_text),
+                                 steps=steps, cfg_scale=cfg_scale, generator=generator, progress=progress,
+                                 desc="motion")
+
+
 def example_inputs(config, batch=1, text_len=77, device=None):
     """Random inputs of the right shapes: (z, t, content_frame, text_tokens, text_pooled)."""
     return (torch.randn(batch, config.frames, config.latent_h + config.latent_w, config.latent_dim, device=device),
@@ -301,19 +311,15 @@ def example_inputs(config, batch=1, text_len=77, device=None):
             torch.randn(batch, config.pooled_dim, device=device))
 
 
-def params_and_flops(config, batch=1):
-    """(parameter count, FLOPs of one forward at this batch), built on the meta device:
-    no memory and no real compute, so it works for full-size presets on a laptop."""
-    with torch.device("meta"):
+def training_step(config, device="meta", text_len=77, batch_size=1):
+    """(model, loss()) of one training step on random inputs, built on `device`: what --flops counts and
+    tools/bench.py times."""
+    with torch.device(device):
         model = MotionDiT(config)
-        inputs = example_inputs(config, batch)
-    return sum(p.numel() for p in model.parameters()), count_flops(lambda: model(*inputs))[0]
+        z, _, *cond = example_inputs(config, batch_size, text_len)
+    diffusion = Diffusion(prediction_type=config.prediction_type)
+    return model, lambda: diffusion.loss(dit_model_fn(model), z, tuple(cond))
 
-
-# ---------------------------------------------------------------------------------------
-# Training and sampling, on the frozen AE's (content frame, motion latent) pairs.
-# The diffusion maths are content.py's: one noise schedule and one DDIM for both models.
-# ---------------------------------------------------------------------------------------
 
 def shapes_from(ae_config, text_encoder=None):
     """The MotionConfig fields fixed by the AE (latent and frame shapes) and the text encoder
@@ -331,49 +337,14 @@ def config_for(preset, size, ae_config, text_encoder=None):
     return replace(PRESETS[preset], **(DIT_SIZES[size] if size else {}), **shapes_from(ae_config, text_encoder))
 
 
-def dit_model_fn(model):
-    """The DiT as a Diffusion model_fn(z, t, cond) with cond = (content_frame, text_tokens, text_pooled)."""
-    return lambda z, t, cond: model(z, t, *cond)
-
-
-@torch.no_grad()
-def sample_motion(model, diffusion, te, content_frame, prompts, steps, cfg_scale, generator=None, progress=True,
-                  desc="DDIM"):
-    """Motion latents (B, L, H'+W', D) for content frames (B, C, H, W) and prompts.
-    As in the paper's Algorithm 1, guidance drops only the text: both branches see x̄."""
-    config = model.config
-    tokens, pooled = te(prompts)
-    uncond_tokens, uncond_pooled = te([""] * len(prompts))
-    shape = (len(prompts), config.frames, config.latent_h + config.latent_w, config.latent_dim)
-    return diffusion.ddim_sample(dit_model_fn(model), shape, (content_frame, tokens, pooled),
-                                 (content_frame, uncond_tokens, uncond_pooled), steps=steps,
-                                 cfg_scale=cfg_scale, generator=generator, progress=progress, desc=desc)
-
-
-def load_motion(run_dir, device="cpu", ae_config=None):
-    """A trained motion stage from a run directory -> (EMA DiT, Diffusion, sampling settings). With
-    `ae_config`, the DiT takes that AE's shapes: its positions are sin-cos, the same weights fit."""
-    info, state = load_stage(run_dir, "motion")
-    config = MotionConfig.from_dict(info["config"]["model"])
-    model = MotionDiT(replace(config, **shapes_from(ae_config)) if ae_config else config)
-    model.load_state_dict(state)
-    return model.to(device).eval().requires_grad_(False), Diffusion(**info["config"]["schedule"]), info["config"]
-
-
-# Training defaults per preset; the flags of data.add_training_args override them.
+# Training defaults per preset, on top of data.PRESET_DATA; the flags of data.add_training_args override them.
 DEFAULTS = {
-    # Chosen on a 2-core CPU for the shapes world, with the latent cache (docs/results.md): lr 2e-3
-    # learned motion far faster than 1e-3, and 3,600 steps of 16 fit in the ten minutes.
-    "tiny": dict(resolution=(32, 32), data="shapes", cache=True, steps=3600, batch_size=16, grad_accum=1, lr=2e-3,
-                 warmup=0, decay="cosine", betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999,
-                 every=500),
-    # The authors' release (NVlabs/CMD): AdamW lr 1e-4, no weight decay, EMA 0.9999, gradient clip 1,
-    # global batch 256 (1 x 32 accumulated x 8 GPUs; one GPU: --grad-accum 256); betas are torch's
-    # default (0.9, 0.999), no warm-up, as DiT. The step count is not given; 100k steps of 256 is ours.
-    # Clips are encoded on the fly (--no-cache): a WebVid-scale dataset cannot be encoded up front.
-    "paper": dict(resolution=(512, 1024), data=None, cache=False, steps=100_000, batch_size=1, grad_accum=32,
-                  lr=1e-4, warmup=0, decay="none", betas=(0.9, 0.999), weight_decay=0.0, grad_clip=1.0,
-                  ema_decay=0.9999, every=2000),
+    # Sized for the shapes world on a laptop CPU, with the latent cache (docs/results.md has the runs:
+    # lr 2e-3 learned the motion faster than 1e-3).
+    "tiny": dict(steps=3600, batch_size=16, lr=2e-3, decay="cosine", betas=(0.9, 0.99)),
+    # The authors' release (NVlabs/CMD): AdamW lr 1e-4, no weight decay, EMA 0.9999, gradient clip 1;
+    # betas are torch's default, no warm-up, as DiT. The step count is not given; 100k steps of 256 is ours.
+    "paper": dict(steps=100_000, lr=1e-4),
 }
 
 
@@ -381,37 +352,25 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=PRESETS)
     parser.add_argument("--size", default=None, choices=DIT_SIZES, help="override the preset's DiT width/depth")
-    parser.add_argument("--text", type=local_or_name, help="open_clip model name or model-config .json of the text "
-                                                     "encoder (default: the preset's)")
-    parser.add_argument("--text-weights", type=local_or_name, help="local open_clip checkpoint of the text encoder")
-    parser.add_argument("--resolution", type=parse_resolution, help="with --flops: HEIGHTxWIDTH of the videos "
-                                                                    "(training takes the AE's)")
-    parser.add_argument("--cfg-scale", type=float, default=3.0, help="guidance of the samples written at the end")
     add_latent_args(parser)
     add_training_args(parser)
     args = parse_stage_args(parser, "motion", DEFAULTS, argv)
-    preset = CONTENT_PRESETS[args.preset]
-    text_config = replace(preset, text=args.text or preset.text)
-    if args.flops:  # on `meta`, at --resolution, the text widths of the preset's encoder: no run needed
+    content_config = replace(CONTENT_PRESETS[args.preset], text=args.text or CONTENT_PRESETS[args.preset].text)
+    if args.flops:  # on `meta`, at --resolution, with the preset's text encoder: no run needed
         try:
             frames = config_at(AE_PRESETS[args.preset], args.resolution)
-            model_config = config_for(args.preset, args.size, frames)
-        except ValueError as e:
+            with torch.device("meta"):
+                text_encoder = TextEncoder(text_config(content_config.text))
+            config = config_for(args.preset, args.size, frames, text_encoder)
+        except (OSError, ValueError) as e:
             fail(e)
-        for batch in (1, 2):
-            params, flops = params_and_flops(model_config, batch)
-            print(f"motion DiT ({args.preset}, {frames.video_size[0]}x{frames.video_size[1]} videos): "
-                  f"{params / 1e6:.1f} M parameters, {flops / 1e12:.3f} TFLOPs per forward at batch {batch}")
-        return
-    # Everything that can be wrong with the input fails here, before training starts.
+        return print_costs("motion DiT", *training_step(config, text_len=text_encoder.text.context_length),
+                           f"batch 1, {frames.video_size[0]}x{frames.video_size[1]} videos")
+    rank, device, text_encoder, ae, frame_space, dataset, val_batch = latent_stage(args, content_config)
+    torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
     try:
-        rank, _, device = setup_distributed()
-        text_encoder = text_encoder_for_run(args.out, text_config, args.text_weights).to(device)
-        ae, frame_space = load_ae(args.ae or args.out, device)
-        dataset, val_batch = latent_data(args, ae, frame_space, device)
-        torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
         model = MotionDiT(config_for(args.preset, args.size, ae.config, text_encoder))
-    except (OSError, ValueError, RuntimeError) as e:
+    except ValueError as e:
         fail(e)
     schedule = {"prediction_type": model.config.prediction_type,
                 "rescale_betas_zero_snr": model.config.zero_terminal_snr}
@@ -420,32 +379,38 @@ def main(argv=None):
 
     def loss_fn(model, batch):
         content_frame, motion_latent, captions = encode_videos(ae, frame_space, batch)
-        tokens, pooled = text_encoder(drop_prompts(captions, 0.1))  # CFG: 10% of prompts become ""
+        tokens, pooled = text_encoder(drop_prompts(captions))  # guidance: some prompts become ""
         return diffusion.loss(dit_model_fn(model), motion_latent, (content_frame, tokens, pooled), snr_gamma)
 
-    def evaluate(ema):
-        return {"val_loss": validation_loss(loss_fn, ema, val_batch)}
-
-    run_config = {"model": model.config.to_dict(), "schedule": schedule, "cfg_scale": args.cfg_scale,
-                  "text_weights": args.text_weights}
-    ema = train("motion", model, loss_fn, dataset, args, run_config, evaluate)
+    run_config = {"model": asdict(model.config), "schedule": schedule, "text_weights": args.text_weights}
+    ema = train("motion", model, loss_fn, dataset, args, run_config, held_out_loss(loss_fn, val_batch))
     if rank == 0:  # under torchrun, one process writes the preview
         write_motion_preview(ema, diffusion, ae, frame_space, text_encoder, val_batch,
-                             Path(args.out) / "motion-samples.mp4", args.cfg_scale)
+                             Path(args.out) / "motion-samples.mp4")
 
 
 @torch.no_grad()
-def write_motion_preview(model, diffusion, ae, frame_space, text_encoder, val_batch, path, cfg_scale, n=4):
+def write_motion_preview(model, diffusion, ae, frame_space, text_encoder, val_batch, path, n=4):
     """Held-out videos as the AE rebuilds them | with generated motion: the generated motion starts
     from the real video's content frame and caption, so any difference is the motion model's."""
     content_frame, motion_latent, captions = (x[:n] for x in val_batch)
     generator = torch.Generator(content_frame.device).manual_seed(0)
-    motion = sample_motion(model, diffusion, text_encoder, content_frame, captions, steps=50, cfg_scale=cfg_scale,
-                           generator=generator)
+    motion = sample_motion(model, diffusion, content_frame, text_encoder(captions), text_encoder([""] * len(captions)),
+                           50, model.config.cfg_scale, generator)
     real, generated = (frame_space.decode(ae.decode(content_frame, m)) for m in (motion_latent, motion))
     grid = rearrange(torch.cat([real, generated], dim=-1), "b l c h w -> l c (b h) w")
     write_video(path, video_to_uint8(grid.cpu()), fps=8)
     print(f"wrote {path} (AE reconstruction | generated motion), captions:", *captions, sep="\n  ")
+
+
+def load_motion(run_dir, device="cpu", ae_config=None):
+    """A trained motion stage from a run directory -> (EMA DiT, Diffusion). With `ae_config`, the DiT
+    takes that AE's shapes: its positions are sin-cos, the same weights fit."""
+    info, state = load_stage(run_dir, "motion")
+    config = MotionConfig(**info["config"]["model"])
+    model = MotionDiT(replace(config, **shapes_from(ae_config)) if ae_config else config)
+    model.load_state_dict(state)
+    return model.to(device).eval().requires_grad_(False), Diffusion(**info["config"]["schedule"])
 
 
 if __name__ == "__main__":

@@ -29,10 +29,10 @@ import torch
 from PIL import Image
 
 from ae import Autoencoder, FrameSpace, load_ae
-from content import Diffusion, TextEncoder, load_content, unet_model_fn
-from data import (fail, parse_resolution, read_clip, resize_cover, uint8_to_video, video_to_uint8, write_image,
+from content import Diffusion, TextEncoder, load_content, sample_content_frames
+from data import (fail, parse_resolution, read_video, resize_cover, uint8_to_video, video_to_uint8, write_image,
                   write_video)
-from motion import MotionDiT, dit_model_fn, load_motion, shapes_from
+from motion import MotionDiT, load_motion, sample_motion, shapes_from
 
 DEFAULT_RUN = Path(__file__).parent / "checkpoints" / "shapes-tiny"
 HOW_TO_TRAIN = "python ae.py --out {0} && python content.py --out {0} && python motion.py --out {0}"
@@ -66,21 +66,18 @@ def generate(models, prompts, steps=50, cfg_content=None, cfg_motion=None, gener
     ae_config, dit_config = models.ae.config, models.dit.config
     content_shape = (n, ae_config.channels, ae_config.height, ae_config.width)  # x̄: (n, C, H, W)
     motion_shape = (n, dit_config.frames, dit_config.latent_h + dit_config.latent_w, dit_config.latent_dim)  # z
-    # 1. text features: tokens (n, context, width) for the UNet and the DiT, pooled (n, embed_dim) for the DiT
-    tokens, pooled = models.text_encoder(prompts)
-    null_tokens, null_pooled = models.text_encoder([""] * n)
-    # 2. content frame x̄_0 from x̄_T ~ N(0, I): guided DDIM on the content UNet
+    # 1. text features: tokens (n, context, width) for the UNet and the DiT, pooled (n, embed_dim) for the DiT;
+    #    those of "" for the unconditional branch of classifier-free guidance
+    text, null_text = models.text_encoder(prompts), models.text_encoder([""] * n)
+    # 2. content frame x̄_0 from x̄_T ~ N(0, I): guided DDIM on the content UNet (content.py)
     if content_frame is None:
-        content_frame = models.content_diffusion.ddim_sample(
-            unet_model_fn(models.unet), content_shape, tokens, null_tokens,
-            steps=steps, cfg_scale=cfg_content, generator=generator, progress=progress, desc="content")
+        content_frame = sample_content_frames(models.unet, models.content_diffusion, text[0], null_text[0],
+                                              content_shape[1:], steps, cfg_content, generator, progress)
     content_frame = content_frame.expand(content_shape)
-    # 3. motion latent z_0 (n, L, H' + W', D) from z_T ~ N(0, I): guided DDIM on the DiT; both branches see x̄_0
+    # 3. motion latent z_0 (n, L, H' + W', D) from z_T ~ N(0, I): guided DDIM on the DiT, given x̄_0 (motion.py)
     if motion_latent is None:
-        motion_latent = models.motion_diffusion.ddim_sample(
-            dit_model_fn(models.dit), motion_shape,
-            (content_frame, tokens, pooled), (content_frame, null_tokens, null_pooled),
-            steps=steps, cfg_scale=cfg_motion, generator=generator, progress=progress, desc="motion")
+        motion_latent = sample_motion(models.dit, models.motion_diffusion, content_frame, text, null_text, steps,
+                                      cfg_motion, generator, progress)
     motion_latent = motion_latent.expand(motion_shape)
     # 4. the AE decoder: x = g(x̄_0, z_0), 16 frames in frame space
     frames = models.ae.decode(content_frame, motion_latent)
@@ -94,10 +91,10 @@ def load_models(run_dir, device="cpu", resolution=None):
     UNet is convolutional; the AE's and DiT's positions are sin-cos functions of their grids)."""
     ae, frame_space = load_ae(run_dir, device, resolution)
     text_encoder, unet, content_diffusion, content_config = load_content(run_dir, device)
-    dit, motion_diffusion, motion_config = load_motion(run_dir, device, ae.config if resolution else None)
+    dit, motion_diffusion = load_motion(run_dir, device, ae.config if resolution else None)
     check_fit(run_dir, ae.config, text_encoder, unet.config, dit.config)
     return Models(text_encoder, unet, content_diffusion, dit, motion_diffusion, ae, frame_space,
-                  content_config.cfg_scale, motion_config["cfg_scale"])
+                  content_config.cfg_scale, dit.config.cfg_scale)
 
 
 @torch.no_grad()
@@ -115,7 +112,7 @@ def content_frame_of_image(models, path, device):
 @torch.no_grad()
 def motion_latent_of_video(models, path, device):
     """A clip's first L frames -> their motion latent (1, L, H' + W', D), by the AE's encoder."""
-    clip = read_clip(path, models.ae.config.frames, start=0)  # VideoError if unreadable or too short
+    clip = read_video(path, models.ae.config.frames)  # VideoError if unreadable or too short
     video = resize_cover(uint8_to_video(clip), models.ae.config.video_size)[None].to(device)
     return models.ae.encode(models.frame_space.encode(video))[1]
 

@@ -24,12 +24,12 @@ from diffusers import AutoencoderKL, UNet2DConditionModel, UNet3DConditionModel
 from einops import rearrange
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the stage files live one folder up
-from ae import PRESETS as AE_PRESETS  # noqa: E402
-from ae import Autoencoder, FrameSpace, training_loss  # noqa: E402
+import ae  # noqa: E402
+import content  # noqa: E402
+import motion  # noqa: E402
 from content import SD21_UNET_CONFIG, Diffusion, unet_model_fn  # noqa: E402
 from data import count_flops  # noqa: E402
-from motion import PRESETS as MOTION_PRESETS  # noqa: E402
-from motion import MotionDiT, dit_model_fn, example_inputs  # noqa: E402
+from motion import MotionDiT, example_inputs, shapes_from  # noqa: E402
 from sample import Models, generate  # noqa: E402
 
 # Two ways to count, because the paper counts differently from us:
@@ -67,11 +67,11 @@ MODELSCOPE_UNET_CONFIG = dict(
 )
 
 # The work of the paper's two efficiency tables. Frames are SD latents: 512x1024 video ->
-# 64x128 latents (sampling, Table 9); 512x512 -> 64x64 (training, Table 8). The AE preset's
-# shapes, and the motion DiT's, are re-derived for each size (shapes_at).
+# 64x128 latents (sampling, Table 9); 512x512 -> 64x64 (training, Table 8): configs_at sizes the AE
+# preset and the DiT to fit.
 PAPER_SETUP = dict(
     unet=SD21_UNET_CONFIG, unet3d=MODELSCOPE_UNET_CONFIG, vae=SD21_VAE_CONFIG,
-    ae=AE_PRESETS["paper"], motion=MOTION_PRESETS["paper"],
+    ae=ae.PRESETS["paper"], motion=motion.PRESETS["paper"],
     sample_latent=(64, 128), train_latent=(64, 64), steps=50, text_len=77, cfg_scale=7.5,
 )
 
@@ -88,24 +88,21 @@ TRAINING = {"CMD autoencoder": ("ae", "train_ae"), "CMD content-frame diffusion"
             "CMD motion diffusion": ("dit", "train_motion"), "ModelScope": ("unet3d", "train_modelscope")}
 
 
-def shapes_at(setup, latent_size):
-    """(AEConfig, MotionConfig) for frames of latent_size (h, w): the AE's token grid sets the
-    motion latent's (H' + W') tokens, as motion.config_for does for a trained AE."""
-    h, w = latent_size
-    ae = replace(setup["ae"], height=h, width=w)
-    motion = replace(setup["motion"], frames=ae.frames, latent_h=h // ae.patch, latent_w=w // ae.patch,
-                     latent_dim=ae.motion_dim, frame_channels=ae.channels, frame_height=h, frame_width=w)
-    return ae, motion
+def configs_at(setup, latent_size):
+    """(AEConfig, MotionConfig) for frames of latent_size (h, w): the DiT takes the AE's shapes, as
+    motion.config_for does for a trained AE."""
+    ae_config = replace(setup["ae"], height=latent_size[0], width=latent_size[1])
+    return ae_config, replace(setup["motion"], **shapes_from(ae_config))
 
 
 def build(setup, names, latent_size, device, dtype=torch.float32):
     """Random-weight networks by name, built straight on `device` ("meta": shapes only)."""
-    ae, motion = shapes_at(setup, latent_size)
+    ae_config, motion_config = configs_at(setup, latent_size)
     make = {"unet": lambda: UNet2DConditionModel(**setup["unet"]),
             "unet3d": lambda: UNet3DConditionModel(**setup["unet3d"]),
             "vae": lambda: AutoencoderKL(**setup["vae"]),
-            "ae": lambda: Autoencoder(ae),
-            "dit": lambda: MotionDiT(motion)}
+            "ae": lambda: ae.Autoencoder(ae_config),
+            "dit": lambda: MotionDiT(motion_config)}
     with torch.device(device):
         nets = {name: make[name]().eval().requires_grad_(False) for name in names}
     # nn.Module.to, not diffusers' override: diffusers 0.42 warns on every dtype cast, even with
@@ -180,7 +177,7 @@ def random_text_encoder(setup, device, dtype):
 
 def sd_frame_space(vae):
     """ae.FrameSpace around an SD VAE with random weights, in place of a download."""
-    frame_space = FrameSpace()
+    frame_space = ae.FrameSpace()
     frame_space.vae = vae
     return frame_space
 
@@ -210,26 +207,21 @@ def sample_video(system, nets, text_encoder, setup):
 # One training step on 16-frame 512x512 videos, batch 1.
 
 def training_case(name, setup, device):
-    """(model, loss()) of one training step of `name`: the loss each stage trains with (ae.py,
-    content.py, motion.py), on random inputs of the right shapes."""
-    model_name = TRAINING[name][0]
-    model = build(setup, [model_name], setup["train_latent"], device)[model_name].train().requires_grad_(True)
-    diffusion = Diffusion(prediction_type="v_prediction")
-    a, m = shapes_at(setup, setup["train_latent"])
+    """(model, loss()) of one training step of `name`: each stage's own training_step (ae.py, content.py,
+    motion.py), the loss it trains with on random inputs of the right shapes; ModelScope's alike."""
+    a, m = configs_at(setup, setup["train_latent"])
+    text = (setup["text_len"], setup["unet"]["cross_attention_dim"])
+    if name == "CMD autoencoder":
+        return ae.training_step(a, device)
+    if name == "CMD motion diffusion":
+        return motion.training_step(m, device, setup["text_len"])
+    model = build(setup, [TRAINING[name][0]], setup["train_latent"], device)[TRAINING[name][0]]
+    model.train().requires_grad_(True)
+    if name == "CMD content-frame diffusion":
+        return model, content.training_step(model, (a.channels, a.height, a.width), text, device)
     with torch.device(device):
-        frames = torch.randn(1, a.frames, a.channels, a.height, a.width)  # (b, L, C, H, W) SD latents
-        content_frame = torch.randn(1, a.channels, a.height, a.width)
-        tokens = torch.randn(1, setup["text_len"], setup["unet"]["cross_attention_dim"])
-        _, _, _, dit_tokens, dit_pooled = example_inputs(m, 1, setup["text_len"])
-        motion_latent = torch.rand(1, m.frames, m.latent_h + m.latent_w, m.latent_dim) * 2 - 1
-    if model_name == "ae":
-        return model, lambda: training_loss(model, frames)
-    if model_name == "unet":
-        return model, lambda: diffusion.loss(unet_model_fn(model), content_frame, tokens)
-    if model_name == "dit":
-        cond = (content_frame, dit_tokens, dit_pooled)
-        return model, lambda: diffusion.loss(dit_model_fn(model), motion_latent, cond)
-    video = rearrange(frames, "b l c h w -> b c l h w")
+        video, tokens = torch.randn(1, a.channels, a.frames, a.height, a.width), torch.randn(1, *text)
+    diffusion = Diffusion(prediction_type="v_prediction")
     return model, lambda: diffusion.loss(modelscope_model_fn(model), video, tokens)
 
 
