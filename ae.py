@@ -83,17 +83,26 @@ def sincos_grid(rows, cols, dim, device=None):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through scaled_dot_product_attention (flash / memory-efficient
-    kernels on GPU, no (N x N) matrix kept for backward)."""
+    """Multi-head attention, softmax(q k^T / sqrt(d)) v, through scaled_dot_product_attention (flash or
+    memory-efficient kernels on GPU, no (N x N) matrix kept for backward). Self-attention over x
+    (b, n, dim), q, k and v from one projection (as DiT's); or, built with `context_dim`,
+    cross-attention from x to a context (b, s, context_dim), as motion.py's DiT reads the text."""
 
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, context_dim=None):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        if context_dim is None:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        else:
+            self.to_q, self.to_kv = nn.Linear(dim, dim), nn.Linear(context_dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):  # (b, n, dim)
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+    def forward(self, x, context=None):
+        if context is None:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            q, (k, v) = self.to_q(x), self.to_kv(context).chunk(2, dim=-1)
+        q, k, v = (rearrange(a, "b n (h d) -> b h n d", h=self.heads) for a in (q, k, v))
         return self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
 
 

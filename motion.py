@@ -22,12 +22,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from ae import PRESETS as AE_PRESETS
-from ae import config_at, sincos, sincos_grid
+from ae import Attention, config_at, sincos, sincos_grid
 from content import PRESETS as CONTENT_PRESETS
 from content import Diffusion, TextEncoder, add_latent_args, drop_prompts, encode_videos, latent_stage, text_config
 from data import (add_training_args, fail, held_out_loss, load_stage, parse_stage_args, print_costs, train,
@@ -115,26 +114,6 @@ PRESETS = {
 def modulate(x, shift, scale):
     # adaLN: a LayerNorm whose affine parameters are predicted from the condition c.
     return x * (1 + scale[:, None]) + shift[:, None]
-
-
-class Attention(nn.Module):
-    """Multi-head attention; self-attention when context is None, else cross-attention
-    from x (B, T, dim) to context (B, S, context_dim)."""
-
-    def __init__(self, dim, heads, context_dim=None):
-        super().__init__()
-        self.heads = heads
-        self.to_q = nn.Linear(dim, dim)
-        self.to_kv = nn.Linear(context_dim or dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, context=None):
-        context = x if context is None else context
-        q = self.to_q(x)
-        k, v = self.to_kv(context).chunk(2, dim=-1)
-        q, k, v = (rearrange(a, "b t (h d) -> b h t d", h=self.heads) for a in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
-        return self.proj(rearrange(out, "b h t d -> b t (h d)"))
 
 
 class AttentionPooling(nn.Module):

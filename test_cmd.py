@@ -41,7 +41,7 @@ import sample
 from content import (SD21_UNET_CONFIG, TINY_TEXT_CONFIG, ContentConfig, Diffusion, TextEncoder, build_text_encoder,
                      build_unet, cfg_output, drop_prompts, load_open_clip_text_weights, load_sd_unet,
                      load_text_encoder, save_text_encoder, tiny_unet, unet_model_fn)
-from motion import Attention, MotionConfig, MotionDiT, example_inputs
+from motion import MotionConfig, MotionDiT, example_inputs
 from tools import bench as bench_tool
 from tools import evaluate, paper_check, shapes
 from tools.bench import (PAPER_SETUP, SYSTEMS, bench, build, random_text_encoder, sample_video, sampling_flops,
@@ -1178,11 +1178,14 @@ def test_cfg_in_one_batch_equals_two_passes():
 def test_attention_matches_naive_softmax(cross):
     torch.manual_seed(0)
     dim, heads, context_dim = 32, 4, 24
-    attn = Attention(dim, heads, context_dim=context_dim if cross else None)
+    attn = ae.Attention(dim, heads, context_dim=context_dim if cross else None)
     x = torch.randn(2, 7, dim)
     context = torch.randn(2, 5, context_dim) if cross else x
-    q = x @ attn.to_q.weight.T + attn.to_q.bias
-    k, v = (context @ attn.to_kv.weight.T + attn.to_kv.bias).chunk(2, dim=-1)
+    if cross:
+        q = x @ attn.to_q.weight.T + attn.to_q.bias
+        k, v = (context @ attn.to_kv.weight.T + attn.to_kv.bias).chunk(2, dim=-1)
+    else:
+        q, k, v = (x @ attn.qkv.weight.T + attn.qkv.bias).chunk(3, dim=-1)
     split = lambda a: a.reshape(a.shape[0], a.shape[1], heads, dim // heads).transpose(1, 2)
     q, k, v = split(q), split(k), split(v)
     weights = torch.softmax(q @ k.transpose(-1, -2) / (dim // heads) ** 0.5, dim=-1)
