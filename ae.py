@@ -7,10 +7,12 @@ A video x = (x_1 .. x_L) is encoded into
   * a motion latent  z: video features projected along the width and along the height
     (PVDM-style), one small D-dim token per (frame, row) and (frame, column).
 A decoder rebuilds the video from (x̄, z), trained on reconstruction; the tiny preset also pulls
-x̄ towards the clip's middle frame (middle_frame_loss). The AE works in a "frame space": pixels
-(tiny preset) or per-frame Stable Diffusion VAE latents (paper preset, `--sd`).
+x̄ towards the clip's middle frame (middle_frame_loss), and the ucf preset adds LPIPS as the release
+does (release_pixel_loss). The AE works in a "frame space": pixels (tiny and ucf presets) or per-frame
+Stable Diffusion VAE latents (paper preset, `--sd`).
 
     python ae.py                                   # tiny preset, shapes, CPU
+    python ae.py --preset ucf --data UCF-101/      # the release's UCF-101 AE, 64x64 pixels, one GPU
     python ae.py --preset paper --sd stable-diffusion-2-1-base --data webvid.csv \\
         --grad-accum 256 --grad-checkpointing          # one A100-80GB, the paper's batch of 256
     torchrun --nproc_per_node 8 ae.py --preset paper --sd stable-diffusion-2-1-base --data webvid.csv
@@ -18,9 +20,12 @@ x̄ towards the clip's middle frame (middle_frame_loss). The AE works in a "fram
 """
 import argparse
 import math
+import pickle
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import lpips
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -43,6 +48,7 @@ class AEConfig:
     encoder_depth: int = 2
     decoder_depth: int = 2
     motion_dim: int = 8    # D: channels of each motion token
+    feed_forward: str = "gelu"  # each block's MLP: "gelu", or "geglu" as in the authors' release
     sd: str = ""           # Stable Diffusion folder or hub id whose VAE is the frame space ("" = pixels)
 
     @property
@@ -60,8 +66,12 @@ PRESETS = {
     # latents), patch 2 -> 32 x 64 tokens per frame, width 384, D = 8, so the motion latent is
     # 16 x (32 + 64) x 8. Table 5 says depth 12 and 8 heads of 64 (= 512, not 384); the
     # authors' code uses 8 blocks per side and 8 heads of 48, which we follow.
-    "paper": AEConfig(channels=4, height=64, width=128, patch=2, hidden=384, heads=8,
-                      encoder_depth=8, decoder_depth=8, motion_dim=8, sd=SD_MODEL),
+    "paper": AEConfig(channels=4, height=64, width=128, patch=2, hidden=384, heads=8, encoder_depth=8,
+                      decoder_depth=8, motion_dim=8, feed_forward="geglu", sd=SD_MODEL),
+    # The release's UCF-101 AE (train_ae.py, tools/utils.py): the same network on 64x64 pixels, so
+    # 32 x 32 tokens per frame and a motion latent of 16 x (32 + 32) x 8.
+    "ucf": AEConfig(channels=3, height=64, width=64, patch=2, hidden=384, heads=8, encoder_depth=8,
+                    decoder_depth=8, motion_dim=8, feed_forward="geglu"),
 }
 
 
@@ -106,18 +116,34 @@ class Attention(nn.Module):
         return self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
 
 
+class GEGLU(nn.Module):
+    """x -> a * GELU(b), (a, b) the two halves of x: the gated feed-forward of Shazeer 2020 ("GLU
+    variants improve transformer"), as in the authors' AE (vit_modules.py)."""
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=-1)
+        return a * F.gelu(b)
+
+
+def feed_forward(dim, kind):
+    """Each block's MLP, dim -> 4 dim -> dim: GELU, or GEGLU, whose gate doubles the first layer."""
+    if kind == "geglu":
+        return nn.Sequential(nn.Linear(dim, 2 * 4 * dim), GEGLU(), nn.Linear(4 * dim, dim))
+    return nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+
+
 class SpaceTimeBlock(nn.Module):
     """Divided space-time attention (TimeSformer, the paper's AE backbone): attend across frames
     at each position, then within each frame, then an MLP; pre-norm residuals throughout."""
 
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, mlp="gelu"):
         super().__init__()
         self.norm_time = nn.LayerNorm(dim)
         self.time = Attention(dim, heads)
         self.norm_space = nn.LayerNorm(dim)
         self.space = Attention(dim, heads)
         self.norm_mlp = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        self.mlp = feed_forward(dim, mlp)
 
     def forward(self, x):  # (b, l, n, dim) with n = H' W' tokens per frame
         b = x.shape[0]
@@ -143,7 +169,8 @@ class Autoencoder(nn.Module):
                              persistent=False)
         # Encoder: patches of every frame + positions -> space-time blocks.
         self.enc_patch = nn.Linear(patch_dim, config.hidden)
-        self.encoder = nn.ModuleList(SpaceTimeBlock(config.hidden, config.heads) for _ in range(config.encoder_depth))
+        self.encoder = nn.ModuleList(SpaceTimeBlock(config.hidden, config.heads, config.feed_forward)
+                                     for _ in range(config.encoder_depth))
         self.enc_norm = nn.LayerNorm(config.hidden)
         # Content head: one weight logit per frame and element of the frame (w in Eq. 2).
         self.to_weight_logits = nn.Linear(config.hidden, patch_dim)
@@ -155,7 +182,8 @@ class Autoencoder(nn.Module):
         self.dec_content = nn.Linear(patch_dim, config.hidden)
         self.dec_rows = nn.Linear(config.motion_dim, config.hidden)
         self.dec_cols = nn.Linear(config.motion_dim, config.hidden)
-        self.decoder = nn.ModuleList(SpaceTimeBlock(config.hidden, config.heads) for _ in range(config.decoder_depth))
+        self.decoder = nn.ModuleList(SpaceTimeBlock(config.hidden, config.heads, config.feed_forward)
+                                     for _ in range(config.decoder_depth))
         self.dec_norm = nn.LayerNorm(config.hidden)
         self.to_pixels = nn.Linear(config.hidden, patch_dim)
         nn.init.zeros_(self.to_pixels.weight)  # the decoder starts as "every frame = content frame"
@@ -227,17 +255,34 @@ def middle_frame_loss(content_frame, frames):
     return F.mse_loss(content_frame, frames[:, frames.shape[1] // 2])
 
 
-def training_loss(model, frames, middle_frame_weight=0.0):
-    """The AE's loss: reconstruction MSE, plus middle_frame_weight times the pull above."""
+def release_pixel_loss(lpips=None):
+    """The authors' loss for an AE on pixels (reconstruction/lossperceptual.py): 4 L1 + 4 LPIPS, LPIPS on
+    one random frame of each clip as there; their GAN terms never switch on (disc_start 1e7). Without
+    `lpips` (its weights could not be had): 4 L1 alone."""
+    def loss(reconstruction, frames):  # (b, L, 3, H, W) pixels in [-1, 1]
+        l1 = 4 * F.l1_loss(reconstruction, frames)
+        if lpips is None:
+            return l1
+        rows, frame = torch.arange(len(frames)), torch.randint(frames.shape[1], (len(frames),))
+        return l1 + 4 * lpips(reconstruction[rows, frame], frames[rows, frame]).mean()
+    return loss
+
+
+def training_loss(model, frames, middle_frame_weight=0.0, pixel_loss=None):
+    """The AE's loss: reconstruction MSE (SD latents, the tiny preset's pixels) or `pixel_loss` (the
+    ucf preset's release_pixel_loss), plus middle_frame_weight times the pull above."""
     reconstruction, content_frame = model(frames)
-    return F.mse_loss(reconstruction, frames) + middle_frame_weight * middle_frame_loss(content_frame, frames)
+    loss = F.mse_loss(reconstruction, frames) if pixel_loss is None else pixel_loss(reconstruction, frames)
+    return loss + middle_frame_weight * middle_frame_loss(content_frame, frames)
 
 
 class FrameSpace:
-    """Where the AE works: pixels, or per-frame Stable Diffusion VAE latents (frozen VAE)."""
+    """Where the AE works: pixels, or per-frame Stable Diffusion VAE latents (frozen VAE). The VAE takes
+    `frames_at_once` frames a batch: more makes fewer, larger kernels, and a higher peak of memory at
+    512x1024 (tools/bench.py measures both)."""
 
-    def __init__(self, sd="", device="cpu"):
-        self.vae = None
+    def __init__(self, sd="", device="cpu", frames_at_once=4):
+        self.vae, self.frames_at_once = None, frames_at_once
         if sd:
             from diffusers import AutoencoderKL
             check_sd_folder(sd, ("vae",))
@@ -249,17 +294,17 @@ class FrameSpace:
     def encode(self, video):  # pixels (b, L, 3, H, W) in [-1, 1] -> frames (b, L, C, H', W')
         if self.vae is None:
             return video
-        # Frames go through the VAE one at a time (batch b), to bound memory at 512x1024.
-        latents = [self.vae.encode(video[:, i]).latent_dist.mode() for i in range(video.shape[1])]
-        return torch.stack(latents, dim=1) * self.vae.config.scaling_factor
+        chunks = video.flatten(0, 1).split(self.frames_at_once)
+        latents = torch.cat([self.vae.encode(chunk).latent_dist.mode() for chunk in chunks])
+        return latents.unflatten(0, video.shape[:2]) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode(self, frames):  # frames (b, L, C, H', W') -> pixels (b, L, 3, H, W)
         if self.vae is None:
             return frames.clamp(-1, 1)
-        frames = frames / self.vae.config.scaling_factor
-        pixels = [self.vae.decode(frames[:, i]).sample for i in range(frames.shape[1])]
-        return torch.stack(pixels, dim=1).clamp(-1, 1)
+        chunks = (frames.flatten(0, 1) / self.vae.config.scaling_factor).split(self.frames_at_once)
+        pixels = torch.cat([self.vae.decode(chunk).sample for chunk in chunks])
+        return pixels.unflatten(0, frames.shape[:2]).clamp(-1, 1)
 
 
 def psnr(x, y):
@@ -268,13 +313,13 @@ def psnr(x, y):
     return 10 * math.log10(4 / max(mse.item(), 1e-10))
 
 
-def training_step(config, device="meta", batch_size=1):
+def training_step(config, device="meta", batch_size=1, pixel_loss=None):
     """(model, loss()) of one training step on random frames, built on `device`: what --flops counts
-    and tools/bench.py times."""
+    and tools/bench.py and tools/paper_check.py time."""
     with torch.device(device):
         model = Autoencoder(config)
-        frames = torch.randn(batch_size, config.frames, config.channels, config.height, config.width)
-    return model, lambda: training_loss(model, frames)
+        frames = torch.rand(batch_size, config.frames, config.channels, config.height, config.width) * 2 - 1
+    return model, lambda: training_loss(model, frames, pixel_loss=pixel_loss)
 
 
 # Training defaults per preset, on top of data.PRESET_DATA; the flags of data.add_training_args override them.
@@ -285,6 +330,10 @@ DEFAULTS = {
     # no EMA, no gradient clipping. The step count is not given; 100k steps of 256 is ours (~2.5 epochs
     # of WebVid-10M).
     "paper": dict(steps=100_000, lr=1e-5, betas=(0.5, 0.9), grad_clip=0.0, ema_decay=0.0),
+    # The release's UCF-101 AE, the same optimiser and its pixel loss (release_pixel_loss), for its 2,000
+    # epochs of trainlist01's 9,537 videos at 256: 75k steps.
+    "ucf": dict(steps=75_000, batch_size=16, grad_accum=16, lr=1e-5, betas=(0.5, 0.9), grad_clip=0.0, ema_decay=0.0,
+                loss="l1-lpips"),
 }
 
 
@@ -295,6 +344,10 @@ def main(argv=None):
                         help="Stable Diffusion folder or hub id: its VAE is the frame space")
     parser.add_argument("--middle-frame-weight", type=float, default=0.0,
                         help="weight of the pull of the content frame towards the clip's middle frame (0: none)")
+    parser.add_argument("--loss", choices=("mse", "l1-lpips"), default="mse",
+                        help="reconstruction MSE, or the release's 4 L1 + 4 LPIPS (pixel frames only)")
+    parser.add_argument("--lpips-vgg", type=local_or_name, help="torchvision's VGG16 ImageNet weights for LPIPS, "
+                        "vgg16-397923af.pth (default: torchvision's cache, downloaded there if missing)")
     add_training_args(parser)
     args = parse_stage_args(parser, "ae", DEFAULTS, argv)
     if args.middle_frame_weight < 0:
@@ -303,6 +356,8 @@ def main(argv=None):
         config = config_at(replace(PRESETS[args.preset], sd=args.sd or PRESETS[args.preset].sd), args.resolution)
     except ValueError as e:
         fail(e)
+    if args.loss == "l1-lpips" and config.sd:
+        parser.error("--loss l1-lpips compares pixels: the frames here are SD latents (use --loss mse)")
     if args.flops:
         (height, width), c = config.video_size, config
         print_costs("AE", *training_step(config), f"batch 1, {height}x{width} videos: {c.frames} x {c.channels} x "
@@ -316,13 +371,14 @@ def main(argv=None):
         frame_space = FrameSpace(config.sd, device)
         dataset, val_set = train_and_val_videos(args, config.frames, config.video_size)
         val_videos = first_items(val_set, 32)[0]
+        pixel_loss = release_pixel_loss(load_lpips(args.lpips_vgg, device)) if args.loss == "l1-lpips" else None
     except (OSError, ValueError, RuntimeError) as e:
         fail(e)
     torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
     model = Autoencoder(config)
 
     def loss_fn(model, batch):
-        return training_loss(model, frame_space.encode(batch[0]), args.middle_frame_weight)
+        return training_loss(model, frame_space.encode(batch[0]), args.middle_frame_weight, pixel_loss)
 
     @torch.no_grad()
     def evaluate(ema):  # PSNR of the held-out videos, a batch at a time
@@ -371,6 +427,30 @@ def config_at(config, resolution):
         raise ValueError(f"--resolution {height}x{width}: both sides must be multiples of {unit} (the AE's patch "
                          f"{config.patch}{' times the SD VAE’s 8x' if config.sd else ''}); {near} would do")
     return replace(config, height=height // factor, width=width // factor)
+
+
+def load_lpips(vgg_path=None, device="cpu"):
+    """LPIPS (Zhang et al. 2018) on VGG16 features with its learned layers (the lpips package), frozen.
+    VGG16's ImageNet weights: `vgg_path`, torchvision's vgg16-397923af.pth on your disk, or else
+    torchvision's cache, downloaded into it if missing. None, said in one line, where neither can be had."""
+    with warnings.catch_warnings():  # lpips asks torchvision for VGG16 by its deprecated `pretrained` flag
+        warnings.simplefilter("ignore", UserWarning)
+        if vgg_path is None:
+            try:
+                return lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
+            except OSError as e:  # offline, and nothing in torchvision's cache
+                print(f"LPIPS: no VGG16 weights ({e}): the AE's loss is 4 L1 alone; --lpips-vgg names a local file")
+                return None
+        model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+    try:
+        state = torch.load(vgg_path, map_location="cpu", weights_only=True)
+        layers = {name.split(".", 1)[1]: name for name in model.net.state_dict()}  # "10.bias" -> "slice3.10.bias"
+        model.net.load_state_dict({layers[k.removeprefix("features.")]: v for k, v in state.items()
+                                   if k.removeprefix("features.") in layers})
+    except (RuntimeError, KeyError, pickle.UnpicklingError, AttributeError) as e:
+        raise ValueError(f"--lpips-vgg {vgg_path} holds no torchvision VGG16 weights "
+                         f"({str(e).splitlines()[0]})") from e
+    return model.to(device).eval().requires_grad_(False)
 
 
 def check_sd_folder(path, parts=("vae",)):

@@ -17,6 +17,7 @@ parameters (CMD, arXiv 2403.14148, Sec. 3.2). This file holds, in reading order:
 
 Run it:
   python content.py                                      # tiny preset, shapes, CPU
+  python content.py --preset ucf --data UCF-101/         # class-conditional UCF-101 from scratch, one GPU
   python content.py --preset paper --sd stable-diffusion-2-1-base --text-weights open_clip_vit_h14.bin \\
       --data webvid.csv --grad-accum 256 --grad-checkpointing      # one A100-80GB
   torchrun --nproc_per_node 8 content.py --preset paper --sd ... --text-weights ... --data webvid.csv
@@ -25,6 +26,7 @@ Run it:
 import argparse
 import hashlib
 import json
+import math
 import os
 import pickle
 import warnings
@@ -45,9 +47,9 @@ from tqdm import tqdm
 
 from ae import PRESETS as AE_PRESETS
 from ae import SD_MODEL, check_sd_folder, config_at, load_ae
-from data import (add_training_args, fail, first_items, held_out_loss, load_stage, local_or_name, parse_stage_args,
-                  print_costs, save_safetensors_atomic, setup_distributed, train, train_and_val_videos,
-                  video_to_uint8, write_image, write_json_atomic)
+from data import (CAPTION_WORDS, WORDS, add_training_args, class_caption, fail, first_items, held_out_loss,
+                  load_stage, local_or_name, parse_stage_args, print_costs, save_safetensors_atomic,
+                  setup_distributed, train, train_and_val_videos, video_to_uint8, write_image, write_json_atomic)
 
 # -----------------------------------------------------------------------------
 # 1. Diffusion maths, written out (DDPM: Ho et al. 2020; DDIM: Song et al. 2021)
@@ -167,20 +169,24 @@ class Diffusion:
 
     @torch.no_grad()
     def ddim_sample(self, model_fn, shape, cond, uncond=None, steps=50, cfg_scale=1.0,
-                    eta=0.0, generator=None, progress=True, desc="DDIM"):
+                    eta=0.0, generator=None, progress=True, desc="DDIM", cuda_graph=True):
         """Sample x_0 of `shape` from x_T ~ N(0, I) with DDIM and classifier-free guidance.
 
         model_fn(x, t, cond) -> model output. cond and uncond (e.g. the features of "") have the
         same structure and batch size. `generator`, if given, lives on cond's device.
-        `desc` labels the progress bar.
+        `desc` labels the progress bar. On a GPU the guided prediction is a CUDA graph (cuda_graphed).
         """
         device = (cond if torch.is_tensor(cond) else cond[0]).device
         if cfg_scale == 1.0:
             uncond = None  # no guidance: skip the unconditional half of the batch
         x = torch.randn(shape, generator=generator, device=device)
+
+        def guided(x, t_batch):
+            return cfg_output(model_fn, x, t_batch, cond, uncond, cfg_scale)
+        if cuda_graph and device.type == "cuda":
+            guided = cuda_graphed(guided, x, torch.zeros(shape[0], dtype=torch.long, device=device))
         for t in tqdm(self.ddim_timesteps(steps), desc=desc, disable=not progress):
-            t_batch = torch.full((shape[0],), t, device=device)
-            output = cfg_output(model_fn, x, t_batch, cond, uncond, cfg_scale)
+            output = guided(x, torch.full((shape[0],), t, device=device))
             noise = torch.randn(shape, generator=generator, device=device) if eta > 0 else None
             x = self.ddim_step(output, t, x, steps, eta, noise)
         return x
@@ -203,6 +209,30 @@ def cfg_output(model_fn, x, t, cond, uncond, scale):
     both = model_fn(torch.cat([x, x]), torch.cat([t, t]), _cat(cond, uncond))
     out_cond, out_uncond = both.chunk(2)
     return out_uncond + scale * (out_cond - out_uncond)
+
+
+def cuda_graphed(fn, *inputs):
+    """fn, recorded once as a CUDA graph on example inputs, then replayed: each call copies its inputs into
+    the recorded ones and relaunches the recorded kernels at once. A DDIM step of a small batch (a 512-token
+    DiT, SD at 64 x 128) otherwise waits on Python and on thousands of kernel launches. Calls keep the
+    example's shapes, and fn must not wait on the GPU (no .item() on its tensors)."""
+    static = [x.clone() for x in inputs]
+    side = torch.cuda.Stream()  # warm up off the main stream, as torch.cuda.graph wants
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # cuBLAS and cuDNN pick their kernels, the allocator its blocks
+            fn(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn(*static)
+
+    def replay(*args):
+        for recorded, new in zip(static, args):
+            recorded.copy_(new)
+        graph.replay()
+        return output.clone()  # the next replay overwrites `output`
+    return replay
 
 
 def drop_prompts(prompts, p=0.1, generator=None):
@@ -229,20 +259,31 @@ SD21_UNET_CONFIG = dict(
 )
 
 
-def tiny_unet(cross_attention_dim, sample_size=32, in_channels=3):
-    """A small UNet of SD's design, trained from scratch on pixel content frames."""
+# UNets trained from scratch on pixel content frames: block widths, ResNet blocks a level, and the levels
+# with attention (self-attention, then cross-attention to the text or class). "ucf": ADM's UNet for
+# 64 x 64 ImageNet (Dhariwal & Nichol 2021: widths 192 x (1, 2, 3, 4), 3 blocks, attention at 32, 16
+# and 8), for the release's ContentDiT-L/2: about its size (DiT-L/2: 458 M parameters), a third of its
+# FLOPs at 64 x 64 (1,024 tokens of width 1,024 in 24 blocks), which one GPU feels.
+UNET_SIZES = {
+    "tiny": dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, attention_levels=2),
+    "ucf": dict(block_out_channels=(192, 384, 576, 768), layers_per_block=3, attention_levels=3),
+}
+
+
+def scratch_unet(size, cross_attention_dim, sample_size=32, in_channels=3):
+    """A UNet of SD's design (UNET_SIZES[size]), trained from scratch on pixel content frames."""
+    widths, levels = UNET_SIZES[size]["block_out_channels"], UNET_SIZES[size]["attention_levels"]
+    down = ("DownBlock2D",) * (len(widths) - levels) + ("CrossAttnDownBlock2D",) * levels  # attention where coarse
     return UNet2DConditionModel(
-        sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
-        block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
-        # text cross-attention at 8x8 and 4x4 only: at 16x16 it is the costliest part of a CPU step
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        sample_size=sample_size, in_channels=in_channels, out_channels=in_channels, block_out_channels=widths,
+        layers_per_block=UNET_SIZES[size]["layers_per_block"], norm_num_groups=min(32, widths[0] // 2),
+        down_block_types=down, up_block_types=tuple(block.replace("Down", "Up") for block in reversed(down)),
         attention_head_dim=8,  # 8 heads (see SD21_UNET_CONFIG)
         cross_attention_dim=cross_attention_dim,
         # The prompt also enters globally, as in DeepFloyd IF: the text tokens, attention-pooled
         # into one vector, are added to the timestep embedding of every block, so a small UNet
         # hears the prompt early in training (README). SD's UNet has no such input.
-        addition_embed_type="text", addition_embed_type_num_heads=4,
+        addition_embed_type="text", addition_embed_type_num_heads=math.gcd(4, cross_attention_dim),  # 4 that divide
         # ... and that embedding scales and shifts each ResNet block's normalised features (ADM's
         # AdaGN, Dhariwal & Nichol 2021) instead of adding a bias to them: the prompt can switch
         # features on and off, and the tiny UNet learns which shape a prompt names within its
@@ -315,28 +356,79 @@ class TextEncoder(nn.Module):
         return tokens, pooled
 
 
+class WordEncoder(nn.Module):
+    """The tiny preset's text encoder, fixed and plain to read: each word of a prompt one-hot over the
+    shapes world's words (data.WORDS): tokens (B, S, V), S the words of the longest caption, zero after
+    the last word; pooled (B, V), the mean of the prompt's words. "" is all zeros: the null prompt of
+    classifier-free guidance. Each word reaches the models as an input of its own, where a random text
+    tower (TextEncoder) makes them learn apart words whose features it mixes."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config  # {"words": [...], "context_length": S}
+        self.index = {word: k for k, word in enumerate(config["words"])}
+        self.width = self.embed_dim = len(self.index)
+        self.register_buffer("one_hot", torch.eye(self.width), persistent=False)
+
+    def forward(self, prompts):
+        tokens = torch.zeros(len(prompts), self.config["context_length"], self.width, device=self.one_hot.device)
+        for row, prompt in enumerate(prompts):
+            words = prompt.lower().replace(",", " ").split()
+            unknown = [word for word in words if word not in self.index]
+            if unknown or len(words) > self.config["context_length"]:
+                raise ValueError(f"the prompt {prompt!r} is not a caption of the shapes world (it has "
+                                 f"{', '.join(unknown) or 'too many words'}): it knows {' '.join(self.index)}")
+            tokens[row, :len(words)] = self.one_hot[[self.index[word] for word in words]]
+        return tokens, tokens.sum(1) / tokens.sum((1, 2)).clamp(min=1)[:, None]
+
+
+class ClassEncoder(nn.Module):
+    """The ucf preset's condition, the video's class, one-hot: prompts -> (tokens (B, 1, K + 1), pooled
+    (B, K + 1)), the same vector twice; "" is the null class, K, that classifier-free guidance contrasts
+    with. A linear layer that reads a one-hot vector is a learned table of class embeddings, as DiT's
+    LabelEmbedder. A prompt names a class as its folder does (ApplyEyeMakeup) or in words (apply eye makeup)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config  # {"classes": [...]}: the class captions of the training videos, sorted
+        self.index = {name: k for k, name in enumerate(config["classes"])}
+        self.width = self.embed_dim = len(self.index) + 1
+        self.register_buffer("one_hot", torch.eye(self.width), persistent=False)
+
+    def forward(self, prompts):
+        rows = [len(self.index) if prompt == "" else self.index.get(class_caption(prompt)) for prompt in prompts]
+        if None in rows:
+            unknown = prompts[rows.index(None)]
+            raise ValueError(f"unknown class {unknown!r}: this run knows {len(self.index)} classes, e.g. "
+                             f"{', '.join(self.config['classes'][:4])}; name one as its folder or in words")
+        one_hot = self.one_hot[rows]
+        return one_hot[:, None], one_hot
+
+
 # -----------------------------------------------------------------------------
 # 4. Sampling, presets and training: fine-tune (paper) or train (tiny) the UNet on the AE's content frames
 
 @torch.no_grad()
 def sample_content_frames(unet, diffusion, tokens, null_tokens, shape, steps, cfg_scale, generator=None,
-                          progress=True):
+                          progress=True, cuda_graph=True):
     """Algorithm 1, step 2: content frames x̄_0 (B, *shape) from x̄_T ~ N(0, I) by guided DDIM on the UNet,
     given the text tokens (B, S, width) of the prompts and of "" (the unconditional branch)."""
     return diffusion.ddim_sample(unet_model_fn(unet), (len(tokens), *shape), tokens, null_tokens, steps=steps,
-                                 cfg_scale=cfg_scale, generator=generator, progress=progress, desc="content")
+                                 cfg_scale=cfg_scale, generator=generator, progress=progress, desc="content",
+                                 cuda_graph=cuda_graph)
 
 
 @dataclass
 class ContentConfig:
-    text: str = "tiny"  # "tiny" or an open_clip model name
+    text: str = "tiny"  # "tiny", an open_clip model name or model-config .json, or "classes" (ClassEncoder)
     text_pretrained: str | None = None  # open_clip pretrained tag (needs network)
-    sd: str | None = None  # SD folder or hub id; None: tiny UNet from scratch
-    # tiny UNet only (with `sd`, SD's scheduler config decides): v, as SD 2.1 (768) predicts;
+    sd: str | None = None  # SD folder or hub id; None: a UNet from scratch, of size UNET_SIZES[unet]
+    unet: str = "tiny"
+    # a UNet from scratch only (with `sd`, SD's scheduler config decides): v, as SD 2.1 (768) predicts;
     # unlike eps, it stays a well-scaled target at both ends of the schedule
     prediction_type: str = "v_prediction"
-    # ... on a schedule rescaled to zero terminal SNR (Diffusion, Lin et al. 2024), as the tiny DiT's:
-    # x_T is pure noise in training, as where sampling starts
+    # ... on a schedule rescaled to zero terminal SNR (Diffusion, Lin et al. 2024): x_T is pure noise in
+    # training, as where sampling starts; on pixels SD's schedule leaves 7% of x_0 in x_T
     zero_terminal_snr: bool = True
     # Min-SNR-5 loss weights (Diffusion.loss), for training from scratch on a small budget; the paper
     # fine-tunes SD with the plain loss. docs/results.md measures what they trade: on the zero-SNR
@@ -351,6 +443,12 @@ PRESETS = {
     # the paper fine-tunes SD 2.1-base (App. B.3) with its text encoder, and guides with w = 7.5 (B.4)
     "paper": ContentConfig(text="ViT-H-14", text_pretrained="laion2b_s32b_b79k", snr_gamma=None, sd=SD_MODEL,
                            cfg_scale=7.5),
+    # Class-conditional UCF-101 from scratch, as the release (train_content_diffusion.py), which guides with
+    # 4.0 and samples 50 ancestral steps on linear betas, predicting eps with a learned sigma. Ours: our
+    # UNet at ADM's size (UNET_SIZES) for the release's ContentDiT-L/2, v on the zero-terminal-SNR schedule
+    # as the tiny preset (x_T pure noise: on pixels SD's own schedule keeps 7% of x_0), the plain loss as
+    # the release, DDIM.
+    "ucf": ContentConfig(text="classes", unet="ucf", snr_gamma=None, cfg_scale=4.0),
 }
 
 
@@ -364,6 +462,9 @@ DEFAULTS = {
     # after 500 warm-up steps, AdamW betas (0.9, 0.999), weight decay 1e-2, gradient clip 1, EMA 0.9999.
     # The step count is not given; 50k steps of 256 is ours.
     "paper": dict(steps=50_000, lr=1e-5, warmup=500, weight_decay=1e-2),
+    # The release's (train_content_diffusion.py): AdamW lr 1e-4, no weight decay, EMA 0.9999, and its
+    # 1,400 epochs of trainlist01's 9,537 videos at 256: 52k steps. Gradient clip 1, as its motion model's.
+    "ucf": dict(steps=52_000, batch_size=32, grad_accum=8, lr=1e-4),
 }
 
 
@@ -378,10 +479,10 @@ def training_step(unet, frame_shape, text_shape, device="meta", batch_size=1):
 
 def build_unet(config, frame_shape, text_width):
     """The UNet to train and its noise schedule: Stable Diffusion's, fine-tuned as it is with
-    no new parameters (the paper), or a tiny one trained from scratch on pixel content frames."""
+    no new parameters (the paper), or one trained from scratch on pixel content frames (tiny, ucf)."""
     if config.sd is None:
         schedule = {"prediction_type": config.prediction_type, "rescale_betas_zero_snr": config.zero_terminal_snr}
-        return tiny_unet(text_width, frame_shape[1:], frame_shape[0]), schedule
+        return scratch_unet(config.unet, text_width, frame_shape[1:], frame_shape[0]), schedule
     unet, schedule = load_sd_unet(config.sd)
     if unet.config.in_channels != frame_shape[0] or unet.config.cross_attention_dim != text_width:
         raise ValueError(f"{config.sd} takes {unet.config.in_channels}-channel frames and "
@@ -394,22 +495,23 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=PRESETS)
     parser.add_argument("--sd", type=local_or_name, help="Stable Diffusion folder or hub id (its unet/ and scheduler/)")
+    parser.add_argument("--size", choices=UNET_SIZES, help="override the preset's UNet from scratch (UNET_SIZES)")
     add_latent_args(parser)
     add_training_args(parser)
     args = parse_stage_args(parser, "content", DEFAULTS, argv)
     preset = PRESETS[args.preset]
-    config = replace(preset, sd=args.sd or preset.sd, text=args.text or preset.text)
+    config = replace(preset, sd=args.sd or preset.sd, text=args.text or preset.text, unet=args.size or preset.unet)
     if args.flops:  # on `meta`, at the AE preset's frame shape for --resolution: no run needed
         try:
             frames = config_at(AE_PRESETS[args.preset], args.resolution)
-            text = text_config(config.text)["text_cfg"]
+            tokens, width, _ = text_shapes(config.text)
         except (OSError, ValueError) as e:
             fail(e)
         shape = (frames.channels, frames.height, frames.width)
         with torch.device("meta"):
             unet = (UNet2DConditionModel(**SD21_UNET_CONFIG) if config.sd
-                    else tiny_unet(text["width"], shape[1:], shape[0]))
-        return print_costs("content UNet", unet, training_step(unet, shape, (text["context_length"], text["width"])),
+                    else scratch_unet(config.unet, width, shape[1:], shape[0]))
+        return print_costs("content UNet", unet, training_step(unet, shape, (tokens, width)),
                            f"batch 1, {' x '.join(map(str, shape))} content frames")
     rank, device, text_encoder, ae, frame_space, dataset, val_batch = latent_stage(args, config)
     shape = (ae.config.channels, ae.config.height, ae.config.width)
@@ -506,6 +608,17 @@ def text_config(name):
     return config
 
 
+def text_shapes(name):
+    """(tokens per prompt, their width, the pooled width) of a text encoder, without building it (--flops);
+    "classes": UCF-101's 101 and the null class."""
+    if name == "classes":
+        return 1, 102, 102
+    if name == "words":
+        return CAPTION_WORDS, len(WORDS), len(WORDS)
+    config = text_config(name)
+    return config["text_cfg"]["context_length"], config["text_cfg"]["width"], config["embed_dim"]
+
+
 def build_text_encoder(name="tiny", weights=None, pretrained=None, seed=0):
     """'tiny': a random frozen tower (fixed seed). Otherwise an open_clip model name (paper:
     'ViT-H-14') or an open_clip model-config .json file, loaded from a local checkpoint `weights`,
@@ -529,34 +642,41 @@ def build_text_encoder(name="tiny", weights=None, pretrained=None, seed=0):
 
 
 def save_text_encoder(te, run_dir):
-    """Config + weights into run_dir, so the run reloads the exact same text features."""
+    """Config (and a text tower's weights) into run_dir, so the run reloads the exact same text features."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Weights first: text_encoder_for_run takes the json's presence to mean the pair is complete
     # (under torchrun every rank builds the same seeded encoder, and one may read what another saves).
-    save_safetensors_atomic(run_dir / "text_encoder.safetensors", te.text.state_dict())
+    if isinstance(te, TextEncoder):
+        save_safetensors_atomic(run_dir / "text_encoder.safetensors", te.text.state_dict())
     write_json_atomic(run_dir / "text_encoder.json", te.config)
 
 
 def load_text_encoder(run_dir):
-    run_dir = Path(run_dir)
-    config_path, weights_path = run_dir / "text_encoder.json", run_dir / "text_encoder.safetensors"
-    if not (config_path.is_file() and weights_path.is_file()):
-        raise FileNotFoundError(f"{run_dir} has no saved text encoder "
-                                "(text_encoder.json + text_encoder.safetensors)")
-    te = TextEncoder(json.loads(config_path.read_text()))
+    config_path, weights_path = Path(run_dir) / "text_encoder.json", Path(run_dir) / "text_encoder.safetensors"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if "classes" in config or "words" in config:
+        return ClassEncoder(config) if "classes" in config else WordEncoder(config)
+    if not (config and weights_path.is_file()):
+        raise FileNotFoundError(f"{run_dir} has no saved text encoder (text_encoder.json + text_encoder.safetensors)")
+    te = TextEncoder(config)
     te.text.load_state_dict(load_file(weights_path))
     return te
 
 
-def text_encoder_for_run(run_dir, config, text_weights=None):
-    """The run's text encoder, shared by stages 2 and 3 and sample.py. The tiny one is random
-    and frozen, so it is saved once into the run directory and reloaded from there."""
+def text_encoder_for_run(run_dir, config, text_weights=None, classes=None):
+    """The run's text encoder, shared by stages 2 and 3 and sample.py. The tiny one (random, frozen) and
+    the ucf preset's classes are saved once into the run directory and reloaded from there."""
     if (Path(run_dir) / "text_encoder.json").is_file():
         return load_text_encoder(run_dir)
-    te = build_text_encoder(config.text, weights=text_weights,
-                            pretrained=None if text_weights else config.text_pretrained)
-    if config.text == "tiny":
+    if config.text == "classes":
+        te = ClassEncoder({"classes": classes})
+    elif config.text == "words":
+        te = WordEncoder({"words": WORDS, "context_length": CAPTION_WORDS})
+    else:
+        te = build_text_encoder(config.text, weights=text_weights,
+                                pretrained=None if text_weights else config.text_pretrained)
+    if config.text in ("tiny", "words", "classes"):
         save_text_encoder(te, run_dir)
     return te
 
@@ -567,12 +687,15 @@ def load_content(run_dir, device="cpu", text_weights=None):
     config = ContentConfig(**info["config"]["content"])
     unet = UNet2DConditionModel.from_config(info["config"]["unet"])
     unet.load_state_dict(state)
-    saved = [Path(run_dir) / f"text_encoder.{suffix}" for suffix in ("json", "safetensors")]
-    if config.text == "tiny" and not all(path.is_file() for path in saved):  # loading never writes into the run
-        raise FileNotFoundError(f"{run_dir} is incomplete: its content stage was trained with the tiny text encoder "
-                                "that training saves as text_encoder.json + text_encoder.safetensors, and they are "
-                                "missing; copy them from the run it was trained in, or train this stage again")
-    te = text_encoder_for_run(run_dir, config, text_weights or info["config"].get("text_weights"))
+    if config.text in ("tiny", "words", "classes"):  # saved into the run by training: loading never writes into it
+        try:
+            te = load_text_encoder(run_dir)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{run_dir} is incomplete: its content stage was trained with the text encoder "
+                                    f"that training saves into the run ({e}); copy it from the run it was trained "
+                                    "in, or train this stage again") from e
+    else:
+        te = text_encoder_for_run(run_dir, config, text_weights or info["config"].get("text_weights"))
     diffusion = Diffusion(**info["config"]["schedule"])
     return te.to(device), unet.to(device).eval().requires_grad_(False), diffusion, config
 
@@ -597,9 +720,14 @@ def latent_stage(args, config):
     space, the training data and a held-out batch of latent_data). A bad input is a one-line error."""
     try:
         rank, _, device = setup_distributed()
-        text_encoder = text_encoder_for_run(args.out, config, args.text_weights).to(device)
         ae, frame_space = load_ae(args.ae or args.out, device)
-        dataset, val_batch = latent_data(args, ae, frame_space, device)
+        dataset, val_set = train_and_val_videos(args, ae.config.frames, ae.config.video_size)
+        if config.text == "classes" and not hasattr(dataset, "items"):
+            raise ValueError(f"the {args.preset} preset learns the classes of listed videos: --data wants a folder "
+                             "of class folders (UCF-101) or a CSV of path,class")
+        classes = sorted({caption for _, caption in dataset.items}) if config.text == "classes" else None
+        text_encoder = text_encoder_for_run(args.out, config, args.text_weights, classes).to(device)
+        dataset, val_batch = latent_data(args, ae, frame_space, dataset, val_set, device)
     except (OSError, ValueError, RuntimeError) as e:
         fail(e)
     return rank, device, text_encoder, ae, frame_space, dataset, val_batch
@@ -619,11 +747,10 @@ def encode_videos(ae, frame_space, batch):
 
 
 @torch.no_grad()
-def latent_data(args, ae, frame_space, device, val_videos=32):
-    """Stage 2 and 3's data: the training videos of --data (or, with --cache, their content frames
-    and motion latents) and a fixed held-out batch, encoded once: (content frames, motion latents,
-    captions). Unreadable listings fail here, before training starts."""
-    dataset, val_set = train_and_val_videos(args, ae.config.frames, ae.config.video_size)
+def latent_data(args, ae, frame_space, dataset, val_set, device, val_videos=32):
+    """Stage 2 and 3's data: the training videos (or, with --cache, their content frames and motion
+    latents) and a fixed batch of the held-out ones, encoded once: (content frames, motion latents,
+    captions)."""
     videos, captions = first_items(val_set, val_videos)
     encoded = [ae.encode(frame_space.encode(chunk.to(device))) for chunk in videos.split(args.batch_size)]
     val_batch = [torch.cat([c for c, _ in encoded]), torch.cat([m for _, m in encoded]), list(captions)]

@@ -272,6 +272,11 @@ def caption_for(attributes):
     return " and ".join(phrase(s) for s in attributes["shapes"]) + f" on a {attributes['background']} background"
 
 
+# The words captions are made of, and the most a caption has (two shapes, each moving somewhere).
+WORDS = sorted({"a", "and", "moving", "on", "background", *COLORS, *SHAPES, *MOTIONS, *BACKGROUNDS})
+CAPTION_WORDS = 14
+
+
 def render_shapes(attributes, size=32, frames=16):
     """Draw a video of the given attributes -> np.uint8 (frames, size, size, 3)."""
     top, bottom = (np.array(c, np.float64) for c in BACKGROUNDS[attributes["background"]])
@@ -430,7 +435,8 @@ def class_caption(name):
 class VideoFolderDataset(_VideoFileDataset):
     """UCF-101 layout: `root/<ClassName>/**/<video>`; the caption is the class name in words. Where
     UCF-101's testlist01.txt lies in root, root/ucfTrainTestlist or ucfTrainTestlist beside root, "val"
-    is its official split 1 and "train" the other videos; otherwise the splits are split_listing's."""
+    is its official split 1 and "train" trainlist01's videos (or, without that list, the others);
+    otherwise the splits are split_listing's."""
 
     def __init__(self, root, frames=16, size=(32, 32), stride=1, split="all", val_fraction=VAL_FRACTION, seed=0):
         root = Path(root)
@@ -439,22 +445,26 @@ class VideoFolderDataset(_VideoFileDataset):
         items = [(str(path), class_caption(folder.name))
                  for folder in sorted(root.iterdir()) if folder.is_dir()
                  for path in sorted(folder.rglob("*")) if path.suffix.lower() in VIDEO_SUFFIXES]
-        test_list = _ucf_test_list(root) if split in ("train", "val") else None
-        if test_list is None:
+        lists = _ucf_lists(root) if split in ("train", "val") else None
+        if lists is None:
             items = split_listing(root, items, split, val_fraction, seed)
         else:
-            items = [(path, caption) for path, caption in items
-                     if (Path(path).relative_to(root).as_posix().lower() in test_list) == (split == "val")]
+            test, train = lists
+            names = [Path(path).relative_to(root).as_posix().lower() for path, _ in items]
+            keep = [name in test if split == "val" else name in train if train else name not in test for name in names]
+            items = [item for item, kept in zip(items, keep) if kept]
         super().__init__(root, items, frames, size, stride, seed)
 
 
-def _ucf_test_list(root):
-    """UCF-101's testlist01.txt as a set of 'class/v_class_g01_c01.avi' paths, or None if absent.
-    Lowercase: copies of UCF-101 spell some names differently (HandstandPushups, HandStandPushups)."""
+def _ucf_lists(root):
+    """UCF-101's split 1, (testlist01, trainlist01 or None) as sets of 'class/v_class_g01_c01.avi', or None
+    where there is no testlist01.txt. Lowercase: copies spell some names differently (HandStandPushups)."""
+    def listed(path):
+        return {line.split()[0].lower() for line in path.read_text().splitlines() if line.strip()}
     for folder in (root, root / "ucfTrainTestlist", root.parent / "ucfTrainTestlist"):
         if (folder / "testlist01.txt").is_file():
-            lines = (folder / "testlist01.txt").read_text().splitlines()
-            return {line.split()[0].lower() for line in lines if line.strip()}
+            train = folder / "trainlist01.txt"
+            return listed(folder / "testlist01.txt"), listed(train) if train.is_file() else None
     return None
 
 
@@ -530,6 +540,9 @@ PRESET_DATA = {
     # your videos (WebVid-10M in the paper), encoded on the fly; the paper's global batch of 256 as the
     # authors' release makes it: 1 video x 32 accumulated x 8 GPUs (one GPU: --grad-accum 256)
     "paper": dict(data=None, resolution=(512, 1024), cache=False, batch_size=1, grad_accum=32, every=2000),
+    # UCF-101 at 64 x 64 pixels as the authors released it (its 101 class folders; trainlist01 trains),
+    # encoded on the fly: each epoch draws other clips; per-stage batches make the release's 256 on one GPU
+    "ucf": dict(data=None, resolution=(64, 64), cache=False, every=2000),
 }
 
 

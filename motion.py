@@ -11,6 +11,7 @@ The model only maps (noisy z, timestep, content frame, text) -> a tensor shaped 
 (epsilon or v); the diffusion maths (noise schedule, DDIM) live in content.py.
 
     python motion.py                                          # tiny preset, shapes, CPU
+    python motion.py --preset ucf --data UCF-101/             # class-conditional UCF-101, one GPU
     python motion.py --preset paper --text-weights open_clip_vit_h14.bin --data webvid.csv \\
         --grad-accum 256 --grad-checkpointing                 # one A100-80GB
     torchrun --nproc_per_node 8 motion.py --preset paper --text-weights ... --data webvid.csv
@@ -28,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from ae import PRESETS as AE_PRESETS
 from ae import Attention, config_at, sincos, sincos_grid
 from content import PRESETS as CONTENT_PRESETS
-from content import Diffusion, TextEncoder, add_latent_args, drop_prompts, encode_videos, latent_stage, text_config
+from content import Diffusion, add_latent_args, drop_prompts, encode_videos, latent_stage, text_shapes
 from data import (add_training_args, fail, held_out_loss, load_stage, parse_stage_args, print_costs, train,
                   video_to_uint8, write_video)
 
@@ -73,6 +74,7 @@ class MotionConfig:
     # by about their SNR, near 0 (docs/results.md measures what that does to the directions)
     snr_gamma: float | None = None
     cfg_scale: float = 3.0  # guidance of the motion latent's samples
+    sample_steps: int = 50  # DDIM steps of its samples
 
     def __post_init__(self):
         # A token must not straddle the height/width boundary of z, nor the frame edge.
@@ -108,6 +110,14 @@ PRESETS = {
         frames=16, latent_h=32, latent_w=64, latent_dim=8, patch_frames=2, patch_tokens=2,
         frame_channels=4, frame_height=64, frame_width=128, content_patch=8, text_dim=1024, pooled_dim=1024,
         cross_attention=False, pool_text=False, zero_terminal_snr=False, **DIT_SIZES["XL"]),
+    # Class-conditional UCF-101 at 64x64 pixels, as the release (train_motion_diffusion.py): DiT-B/2 by its
+    # default, content-frame ("keyframe") patch 4, the AE's z of 16 x (32 + 32) x 8. The class enters
+    # the adaLN through text_embed (one-hot: a class table), as the release meant to (its `c = t` drops
+    # it). Ours: v on the zero-terminal-SNR schedule, as the content model; guidance 3, as the paper
+    # preset (the release samples motion without guidance).
+    "ucf": MotionConfig(
+        frames=16, latent_h=32, latent_w=32, latent_dim=8, frame_channels=3, frame_height=64, frame_width=64,
+        content_patch=4, text_dim=102, pooled_dim=102, cross_attention=False, pool_text=False, **DIT_SIZES["B"]),
 }
 
 
@@ -270,7 +280,8 @@ def dit_model_fn(model):
 
 
 @torch.no_grad()
-def sample_motion(model, diffusion, content_frame, text, null_text, steps, cfg_scale, generator=None, progress=True):
+def sample_motion(model, diffusion, content_frame, text, null_text, steps, cfg_scale, generator=None, progress=True,
+                  cuda_graph=True):
     """Algorithm 1, step 3: motion latents z_0 (B, L, H'+W', D) from z_T ~ N(0, I) by guided DDIM on the DiT,
     for content frames (B, C, H, W) and the text features (tokens, pooled) of the prompts and of "". As in
     the paper, guidance drops only the text: both branches see x̄."""
@@ -278,7 +289,7 @@ def sample_motion(model, diffusion, content_frame, text, null_text, steps, cfg_s
     shape = (len(content_frame), c.frames, c.latent_h + c.latent_w, c.latent_dim)
     return diffusion.ddim_sample(dit_model_fn(model), shape, (content_frame, *text), (content_frame, *null_text),
                                  steps=steps, cfg_scale=cfg_scale, generator=generator, progress=progress,
-                                 desc="motion")
+                                 desc="motion", cuda_graph=cuda_graph)
 
 
 def example_inputs(config, batch=1, text_len=77, device=None):
@@ -300,20 +311,20 @@ def training_step(config, device="meta", text_len=77, batch_size=1):
     return model, lambda: diffusion.loss(dit_model_fn(model), z, tuple(cond))
 
 
-def shapes_from(ae_config, text_encoder=None):
-    """The MotionConfig fields fixed by the AE (latent and frame shapes) and the text encoder
-    (without one, the preset's text widths stay)."""
+def shapes_from(ae_config, text_widths=None):
+    """The MotionConfig fields fixed by the AE (latent and frame shapes) and the text encoder's
+    (token width, pooled width) (without them, the preset's text widths stay)."""
     shapes = dict(frames=ae_config.frames, latent_h=ae_config.height // ae_config.patch,
                   latent_w=ae_config.width // ae_config.patch, latent_dim=ae_config.motion_dim,
                   frame_channels=ae_config.channels, frame_height=ae_config.height, frame_width=ae_config.width)
-    if text_encoder is not None:
-        shapes.update(text_dim=text_encoder.width, pooled_dim=text_encoder.embed_dim)
+    if text_widths is not None:
+        shapes.update(text_dim=text_widths[0], pooled_dim=text_widths[1])
     return shapes
 
 
-def config_for(preset, size, ae_config, text_encoder=None):
+def config_for(preset, size, ae_config, text_widths=None):
     """The preset with every shape taken from the AE and text encoder it must fit."""
-    return replace(PRESETS[preset], **(DIT_SIZES[size] if size else {}), **shapes_from(ae_config, text_encoder))
+    return replace(PRESETS[preset], **(DIT_SIZES[size] if size else {}), **shapes_from(ae_config, text_widths))
 
 
 # Training defaults per preset, on top of data.PRESET_DATA; the flags of data.add_training_args override them.
@@ -324,6 +335,9 @@ DEFAULTS = {
     # The authors' release (NVlabs/CMD): AdamW lr 1e-4, no weight decay, EMA 0.9999, gradient clip 1;
     # betas are torch's default, no warm-up, as DiT. The step count is not given; 100k steps of 256 is ours.
     "paper": dict(steps=100_000, lr=1e-4),
+    # The release's UCF-101 motion model, the same optimiser, for its 1,400 epochs of trainlist01's 9,537
+    # videos at 256: 52k steps.
+    "ucf": dict(steps=52_000, batch_size=32, grad_accum=8, lr=1e-4),
 }
 
 
@@ -338,17 +352,16 @@ def main(argv=None):
     if args.flops:  # on `meta`, at --resolution, with the preset's text encoder: no run needed
         try:
             frames = config_at(AE_PRESETS[args.preset], args.resolution)
-            with torch.device("meta"):
-                text_encoder = TextEncoder(text_config(content_config.text))
-            config = config_for(args.preset, args.size, frames, text_encoder)
+            tokens, *widths = text_shapes(content_config.text)
+            config = config_for(args.preset, args.size, frames, widths)
         except (OSError, ValueError) as e:
             fail(e)
-        return print_costs("motion DiT", *training_step(config, text_len=text_encoder.text.context_length),
+        return print_costs("motion DiT", *training_step(config, text_len=tokens),
                            f"batch 1, {frames.video_size[0]}x{frames.video_size[1]} videos")
     rank, device, text_encoder, ae, frame_space, dataset, val_batch = latent_stage(args, content_config)
     torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
     try:
-        model = MotionDiT(config_for(args.preset, args.size, ae.config, text_encoder))
+        model = MotionDiT(config_for(args.preset, args.size, ae.config, (text_encoder.width, text_encoder.embed_dim)))
     except ValueError as e:
         fail(e)
     schedule = {"prediction_type": model.config.prediction_type,

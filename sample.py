@@ -15,6 +15,7 @@ With no --run, the tiny shapes checkpoint shipped with the repo (checkpoints/sha
     python sample.py "a green square moving up" --image picture.png          # image-to-video
     python sample.py "a green triangle moving left" --motion-from clip.mp4   # motion transfer
     python sample.py "a corgi running on the beach" --run runs/paper --device cuda   # paper scale, bf16
+    python sample.py "ApplyEyeMakeup" --run runs/ucf --device cuda   # a UCF-101 class (or "apply eye makeup")
 
 Measuring the method lives in tools/: evaluate.py (FVD, CLIPSIM, the shapes world) and bench.py.
 """
@@ -40,7 +41,7 @@ HOW_TO_TRAIN = "python ae.py --out {0} && python content.py --out {0} && python 
 
 @dataclass
 class Models:
-    """The trained networks of one run, and the guidance scales it was trained to sample with."""
+    """The trained networks of one run, and how it samples by default: guidance scales, DDIM steps."""
     text_encoder: TextEncoder
     unet: torch.nn.Module          # content UNet (SD's, or the tiny one)
     content_diffusion: Diffusion
@@ -50,17 +51,21 @@ class Models:
     frame_space: FrameSpace        # pixels, or the SD VAE
     cfg_content: float
     cfg_motion: float
+    content_steps: int
+    motion_steps: int
 
 
 @torch.no_grad()
-def generate(models, prompts, steps=50, cfg_content=None, cfg_motion=None, generator=None, progress=True,
-             content_frame=None, motion_latent=None):
+def generate(models, prompts, content_steps=None, motion_steps=None, cfg_content=None, cfg_motion=None,
+             generator=None, progress=True, content_frame=None, motion_latent=None, cuda_graphs=True):
     """Algorithm 1: prompts -> (videos (B, L, 3, H, W), content frames (B, 3, H, W)), pixels in [-1, 1].
+    Steps and guidance default to the run's (Models); on a GPU each stage's DDIM replays a CUDA graph.
 
     The decomposition lets either half come from elsewhere: a given content frame (1, C, H, W), e.g.
     a picture (image-to-video), skips step 2; a given motion latent (1, L, H' + W', D), e.g. another
     video's (motion transfer), skips step 3."""
     n = len(prompts)
+    content_steps, motion_steps = content_steps or models.content_steps, motion_steps or models.motion_steps
     cfg_content = models.cfg_content if cfg_content is None else cfg_content
     cfg_motion = models.cfg_motion if cfg_motion is None else cfg_motion
     ae_config, dit_config = models.ae.config, models.dit.config
@@ -72,12 +77,13 @@ def generate(models, prompts, steps=50, cfg_content=None, cfg_motion=None, gener
     # 2. content frame x̄_0 from x̄_T ~ N(0, I): guided DDIM on the content UNet (content.py)
     if content_frame is None:
         content_frame = sample_content_frames(models.unet, models.content_diffusion, text[0], null_text[0],
-                                              content_shape[1:], steps, cfg_content, generator, progress)
+                                              content_shape[1:], content_steps, cfg_content, generator, progress,
+                                              cuda_graphs)
     content_frame = content_frame.expand(content_shape)
     # 3. motion latent z_0 (n, L, H' + W', D) from z_T ~ N(0, I): guided DDIM on the DiT, given x̄_0 (motion.py)
     if motion_latent is None:
-        motion_latent = sample_motion(models.dit, models.motion_diffusion, content_frame, text, null_text, steps,
-                                      cfg_motion, generator, progress)
+        motion_latent = sample_motion(models.dit, models.motion_diffusion, content_frame, text, null_text,
+                                      motion_steps, cfg_motion, generator, progress, cuda_graphs)
     motion_latent = motion_latent.expand(motion_shape)
     # 4. the AE decoder: x = g(x̄_0, z_0), 16 frames in frame space
     frames = models.ae.decode(content_frame, motion_latent)
@@ -94,7 +100,7 @@ def load_models(run_dir, device="cpu", resolution=None):
     dit, motion_diffusion = load_motion(run_dir, device, ae.config if resolution else None)
     check_fit(run_dir, ae.config, text_encoder, unet.config, dit.config)
     return Models(text_encoder, unet, content_diffusion, dit, motion_diffusion, ae, frame_space,
-                  content_config.cfg_scale, dit.config.cfg_scale)
+                  content_config.cfg_scale, dit.config.cfg_scale, content_config.sample_steps, dit.config.sample_steps)
 
 
 @torch.no_grad()
@@ -120,7 +126,7 @@ def motion_latent_of_video(models, path, device):
 def check_fit(run_dir, ae_config, text_encoder, unet_config, dit_config):
     """Stages trained with different presets load fine and fail later with a shape error:
     compare what the DiT and UNet were built for with what the AE and text encoder make."""
-    made = shapes_from(ae_config, text_encoder)
+    made = shapes_from(ae_config, (text_encoder.width, text_encoder.embed_dim))
     wrong = [f"motion {k}={getattr(dit_config, k)} but AE/text give {v}"
              for k, v in made.items() if getattr(dit_config, k) != v]
     if unet_config.in_channels != ae_config.channels or unet_config.cross_attention_dim != text_encoder.width:
@@ -178,13 +184,16 @@ def load_run(run, device, resolution=None):
 def autocast_for(device, dtype_name):
     """bf16 autocast on CUDA unless --dtype says otherwise; float32 (no autocast) on the CPU."""
     dtype = getattr(torch, dtype_name or ("bfloat16" if device.type == "cuda" else "float32"))
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    # no cache of cast weights: a CUDA graph (content.cuda_graphed) records the casts with the rest
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False)
 
 
-def add_sampling_args(parser, steps):
+def add_sampling_args(parser):
     """The flags that say how to sample a run; tools/evaluate.py shares them."""
     parser.add_argument("--run", default=None, help=f"run directory of all three stages (default: {DEFAULT_RUN})")
-    parser.add_argument("--steps", type=int, default=steps, help="DDIM steps of each stage")
+    parser.add_argument("--steps", type=int, help="DDIM steps of both stages (default: the run's)")
+    parser.add_argument("--content-steps", type=int, help="DDIM steps of the content frame (default: --steps)")
+    parser.add_argument("--motion-steps", type=int, help="DDIM steps of the motion latent (default: --steps)")
     parser.add_argument("--cfg-content", type=float, default=None, help="guidance scale (default: the run's)")
     parser.add_argument("--cfg-motion", type=float, default=None, help="guidance scale (default: the run's)")
     parser.add_argument("--resolution", type=parse_resolution, default=None,
@@ -195,11 +204,16 @@ def add_sampling_args(parser, steps):
                         help="autocast precision (default: bfloat16 on CUDA, float32 on CPU)")
 
 
+def steps_of(args):
+    """(content steps, motion steps) of the command line, None for the run's own."""
+    return args.content_steps or args.steps, args.motion_steps or args.steps
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="?", help="what the video shows")
     parser.add_argument("--prompts", help="a text file, one prompt a line")
-    add_sampling_args(parser, steps=50)
+    add_sampling_args(parser)
     parser.add_argument("--image", help="image-to-video: this picture is the content frame; only the motion is "
                                         "sampled")
     parser.add_argument("--motion-from", metavar="VIDEO", help="motion transfer: the motion latent of this clip's "
@@ -211,8 +225,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.prompt is None) == (args.prompts is None):
         parser.error("give a prompt or --prompts FILE")
-    if args.num < 1 or args.steps < 1:
-        parser.error("--num and --steps want positive numbers")
+    if any(value is not None and value < 1 for value in (args.num, args.steps, args.content_steps, args.motion_steps)):
+        parser.error("--num and the steps want positive numbers")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda, but PyTorch sees no CUDA GPU: use --device cpu")
@@ -225,16 +239,17 @@ def main(argv=None):
         fail(f"cannot write to --out {out} ({e.strerror or e}): pick a folder you can write to")
     models = load_run(args.run, device, args.resolution)
     try:
+        models.text_encoder(prompts)  # a prompt this run cannot read (a class it does not know) fails here
         content_frame = content_frame_of_image(models, args.image, device) if args.image else None
         motion_latent = motion_latent_of_video(models, args.motion_from, device) if args.motion_from else None
-    except ValueError as e:  # an unreadable picture or clip (VideoError), a clip of too few frames
+    except ValueError as e:  # an unknown class, an unreadable picture or clip (VideoError), a clip of too few frames
         fail(e)
     formats = {"mp4": [".mp4"], "gif": [".gif"], "both": [".mp4", ".gif"]}[args.format]
     for prompt in prompts:
         # One generator per prompt, seeded alike: a prompt gives the same videos wherever it is in the file.
         generator = torch.Generator(device).manual_seed(args.seed)
         with autocast_for(device, args.dtype):
-            videos, content_images = generate(models, [prompt] * args.num, args.steps, args.cfg_content,
+            videos, content_images = generate(models, [prompt] * args.num, *steps_of(args), args.cfg_content,
                                               args.cfg_motion, generator, content_frame=content_frame,
                                               motion_latent=motion_latent)
         save(videos, content_images, out / f"{slug(prompt)}-{args.seed}", formats, args.fps)

@@ -22,6 +22,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import av
+import lpips
 import numpy as np
 import open_clip
 import pytest
@@ -40,7 +41,7 @@ import motion
 import sample
 from content import (SD21_UNET_CONFIG, TINY_TEXT_CONFIG, ContentConfig, Diffusion, TextEncoder, build_text_encoder,
                      build_unet, cfg_output, drop_prompts, load_open_clip_text_weights, load_sd_unet,
-                     load_text_encoder, save_text_encoder, tiny_unet, unet_model_fn)
+                     load_text_encoder, save_text_encoder, scratch_unet, unet_model_fn)
 from motion import MotionConfig, MotionDiT, example_inputs
 from tools import bench as bench_tool
 from tools import evaluate, paper_check, shapes
@@ -131,11 +132,11 @@ def make_run(run_dir, ae_config=ae.PRESETS["tiny"]):
     te = content.build_text_encoder("tiny")
     content.save_text_encoder(te, run_dir)
     c = ae_config
-    unet = content.tiny_unet(te.width, (c.height, c.width), c.channels)
+    unet = content.scratch_unet("tiny", te.width, (c.height, c.width), c.channels)
     schedule = {"prediction_type": "v_prediction"}
     data.save_stage(run_dir, "content", unet, 0, {"content": asdict(content.PRESETS["tiny"]), "unet": dict(unet.config),
                                              "schedule": schedule, "text_weights": None})
-    dit = motion.MotionDiT(motion.config_for("tiny", None, ae_config, te))
+    dit = motion.MotionDiT(motion.config_for("tiny", None, ae_config, (te.width, te.embed_dim)))
     data.save_stage(run_dir, "motion", dit, 0, {"model": asdict(dit.config), "schedule": schedule})
     return run_dir
 
@@ -147,7 +148,7 @@ def run_dir(tmp_path_factory):
 
 class StandInI3D(nn.Module):
     """Saved as StyleGAN-V's i3d_torchscript.pt is (TorchScript) with its call signature. Its features:
-    8 random projections of the input, then what it was given (T, H, W, min, max and the three flags)."""
+    8 random projections of the input, then what it was given (GIVEN)."""
 
     def __init__(self):
         super().__init__()
@@ -155,10 +156,20 @@ class StandInI3D(nn.Module):
 
     def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
                 return_features: bool = False) -> torch.Tensor:
-        features = self.project(F.adaptive_avg_pool3d(x, (2, 2, 2)).flatten(1))  # x: (N, 3, T, H, W)
-        given = torch.tensor([float(x.shape[2]), float(x.shape[3]), float(x.shape[4]), float(x.min()),
-                              float(x.max()), float(rescale), float(resize), float(return_features)])
-        return torch.cat([features, given.expand(x.shape[0], 8)], 1)
+        uint8 = float(x.dtype == torch.uint8)
+        x = x.float()  # (N, 3, T, H, W)
+        features = self.project(F.adaptive_avg_pool3d(x, (2, 2, 2)).flatten(1))
+        given = torch.tensor([float(x.shape[2]), float(x.shape[3]), float(x.shape[4]), float(x.min()), float(x.max()),
+                              uint8, float(rescale), float(resize), float(return_features)])
+        return torch.cat([features, given.expand(x.shape[0], 9)], 1)
+
+
+GIVEN = {name: 8 + k for k, name in enumerate(("T", "H", "W", "min", "max", "uint8", "rescale", "resize",
+                                                 "return_features"))}  # what StandInI3D saw, by column
+
+
+def given(features, *names):
+    return [features[0, GIVEN[name]] for name in names]
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +193,51 @@ def write_videos(folder, videos):
 
 def last_json(capsys):
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def write_with_pyav(path, frames, codec):
+    """np.uint8 (L, H, W, 3) -> a file in any container PyAV writes (avi: mpeg4, webm: vp8)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=8)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+@pytest.fixture(scope="module")
+def vgg_file(tmp_path_factory):
+    """A stand-in for torchvision's vgg16-397923af.pth (its `features.*` weights, random), for LPIPS."""
+    torch.manual_seed(0)
+    backbone = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).net.state_dict()  # "slice3.10.bias", ...
+    path = tmp_path_factory.mktemp("vgg") / "vgg16-397923af.pth"
+    torch.save({f"features.{name.split('.', 1)[1]}": value for name, value in backbone.items()}, path)
+    return path
+
+
+UCF_CLASSES = ("ApplyEyeMakeup", "Biking", "JumpRope")
+
+
+@pytest.fixture(scope="module")
+def ucf_folder(tmp_path_factory):
+    """UCF-101 as it unpacks, in small: class folders of 320x240 .avi files (a blob of the class's colour
+    drifting), and ucfTrainTestlist/ beside them: group 1 of each class in testlist01, 2 and 3 in trainlist01."""
+    root = tmp_path_factory.mktemp("ucf") / "UCF-101"
+    ys, xs = np.mgrid[:240, :320] / 320
+    for k, name in enumerate(UCF_CLASSES):
+        (root / name).mkdir(parents=True)
+        for group in (1, 2, 3):
+            frames = np.empty((20, 240, 320, 3), np.uint8)
+            for i in range(20):
+                blob = np.exp(-((ys - 0.2 - 0.02 * i) ** 2 + (xs - 0.3 - 0.01 * group) ** 2) / 0.01)[..., None]
+                frames[i] = (80 * (1 - blob) + blob * np.eye(3)[k] * 255).round()
+            write_with_pyav(root / name / f"v_{name}_g{group:02d}_c01.avi", frames, "mpeg4")
+    lists = root.parent / "ucfTrainTestlist"
+    lists.mkdir()
+    for name, groups in (("testlist01.txt", (1,)), ("trainlist01.txt", (2, 3))):
+        (lists / name).write_text("".join(f"{c}/v_{c}_g{g:02d}_c01.avi\r\n" for c in UCF_CLASSES for g in groups))
+    return root
 
 
 # ==================================================================================================
@@ -498,9 +554,12 @@ def test_ucf_testlist01_is_the_val_split(tmp_path):
     def groups(split):
         return sorted(Path(p).stem[-7:-4] for p, _ in data.make_dataset(root, split=split).items)
 
+    (root / "Biking" / "v_Biking_g05_c01.avi").touch()  # in neither list
     assert groups("val") == ["g01", "g01", "g02", "g02"] and groups("train") == ["g08", "g08", "g09", "g09"]
+    (lists / "trainlist01.txt").unlink()  # the test list alone: every other video trains
+    assert groups("val") == ["g01", "g01", "g02", "g02"] and groups("train") == ["g05", "g08", "g08", "g09", "g09"]
     (lists / "testlist01.txt").unlink()  # no official split: a seeded slice of 5%, at least one video
-    assert len(groups("val")) == 1 and len(groups("train")) == 7
+    assert len(groups("val")) == 1 and len(groups("train")) == 8
 
 
 def test_report_loading_speed_leaves_the_run_unchanged(tmp_path, capsys):
@@ -745,8 +804,44 @@ def test_paper_preset_on_meta_shapes_params_and_flops():
     assert content_frame.shape == (1, 4, 64, 128)
     assert motion_latent.shape == (1, 16, 32 + 64, 8)  # the paper's 8 x 16 x 96 motion latent
     params, flops = data.print_costs("AE", *ae.training_step(config), "batch 1, 512x1024")
-    assert 35e6 < params < 45e6
+    assert 47.3e6 < params < 47.5e6  # the release's AE, GEGLU and all
     assert 8e12 < flops < 16e12  # a training step at 512x1024, batch 1
+
+
+def test_geglu_ae_is_the_releases_size_and_the_papers_table_8():
+    """The paper preset's AE with the release's GEGLU: 47.4 M parameters, and 0.77 T multiply-adds a
+    forward at 16 x 512 x 512 without the attention matmuls (the paper's convention, Table 8); 0.62 with GELU."""
+    at_512 = replace(ae.PRESETS["paper"], width=64)
+    for feed_forward, tmacs, params in (("geglu", 0.773, 47.4e6), ("gelu", 0.619, 37.9e6)):
+        model, loss = ae.training_step(replace(at_512, feed_forward=feed_forward))
+        flops, attention = data.count_flops(loss)
+        assert (flops - attention) / 2e12 == pytest.approx(tmacs, abs=0.001), feed_forward
+        assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=0.002), feed_forward
+    x = torch.randn(2, 5, 8)
+    torch.testing.assert_close(ae.GEGLU()(x), x[..., :4] * F.gelu(x[..., 4:]))
+
+
+def test_release_pixel_loss_is_4_l1_and_4_lpips_of_one_random_frame(vgg_file, tmp_path):
+    perceptual = ae.load_lpips(vgg_file)
+    weights = torch.load(vgg_file)
+    assert torch.equal(perceptual.net.state_dict()["slice3.10.weight"], weights["features.10.weight"])  # its VGG16
+    assert not any(p.requires_grad for p in perceptual.parameters())  # frozen, outside the optimizer
+    torch.manual_seed(0)
+    frames, reconstruction = torch.rand(2, 2, 16, 3, 16, 16) * 2 - 1
+    torch.manual_seed(1)
+    value = ae.release_pixel_loss(perceptual)(reconstruction, frames)
+    torch.manual_seed(1)
+    picked = torch.randint(16, (2,))  # one frame a clip
+    rows = torch.arange(2)
+    expected = 4 * (reconstruction - frames).abs().mean() + 4 * perceptual(reconstruction[rows, picked],
+                                                                           frames[rows, picked]).mean()
+    torch.testing.assert_close(value, expected)
+    assert ae.release_pixel_loss(None)(reconstruction, frames) == 4 * (reconstruction - frames).abs().mean()
+    (tmp_path / "not-vgg.pth").write_bytes(b"garbage")
+    torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
+    for bad in ("not-vgg.pth", "other.pth"):
+        with pytest.raises(ValueError, match="holds no torchvision VGG16"):
+            ae.load_lpips(tmp_path / bad)
 
 
 def test_save_load_identical_outputs(tmp_path):
@@ -876,7 +971,7 @@ def test_min_snr_weights_match_the_formula_of_hang_et_al():
 
 def test_cfg_scale_one_and_batched_equals_separate(tiny_te):
     torch.manual_seed(0)
-    unet = tiny_unet(tiny_te.width, sample_size=8).eval()
+    unet = scratch_unet("tiny", tiny_te.width, sample_size=8).eval()
     model_fn = unet_model_fn(unet)
     cond, _ = tiny_te(["a red circle", "a blue square"])
     uncond, _ = tiny_te(["", ""])
@@ -1002,7 +1097,7 @@ def test_vit_h14_text_tower_on_meta():
 
 def test_sd_folder_loads_offline(tmp_path):
     torch.manual_seed(0)
-    unet = tiny_unet(cross_attention_dim=64, sample_size=8).eval()
+    unet = scratch_unet("tiny", 64, sample_size=8).eval()
     unet.save_pretrained(tmp_path / "unet")
     sd_scheduler("v_prediction", rescale_betas_zero_snr=True).save_pretrained(tmp_path / "scheduler")
     loaded, schedule = load_sd_unet(str(tmp_path))
@@ -1018,7 +1113,7 @@ def test_sd_folder_loads_offline(tmp_path):
 def test_tiny_unet_hears_the_prompt_without_cross_attention():
     # the pooled-prompt path (added to the timestep embedding) alone makes the output prompt-dependent
     torch.manual_seed(0)
-    te, unet = build_text_encoder("tiny"), tiny_unet(cross_attention_dim=64, sample_size=8).eval()
+    te, unet = build_text_encoder("tiny"), scratch_unet("tiny", 64, sample_size=8).eval()
     model_fn = unet_model_fn(unet)
     x, t, tokens = torch.randn(1, 3, 8, 8).expand(2, -1, -1, -1), torch.tensor([500, 500]), te(["a red", "a blue"])[0]
     with torch.no_grad():
@@ -1046,7 +1141,7 @@ def test_build_unet(tmp_path):
     tokens, _ = te(["a red circle"])
     assert unet_model_fn(unet)(torch.randn(1, 3, 8, 8), torch.tensor([5]), tokens).shape == (1, 3, 8, 8)
     # an SD folder: the schedule comes from its scheduler config; the frame space must match
-    tiny_unet(cross_attention_dim=te.width, sample_size=8).save_pretrained(tmp_path / "unet")
+    scratch_unet("tiny", te.width, sample_size=8).save_pretrained(tmp_path / "unet")
     sd_scheduler("epsilon").save_pretrained(tmp_path / "scheduler")
     config = ContentConfig(sd=str(tmp_path))
     assert build_unet(config, (3, 8, 8), te.width)[1]["prediction_type"] == "epsilon"
@@ -1055,6 +1150,23 @@ def test_build_unet(tmp_path):
     DDIMScheduler(beta_schedule="linear").save_pretrained(tmp_path / "scheduler")
     with pytest.raises(ValueError, match="scaled_linear"):
         load_sd_unet(str(tmp_path))
+
+
+def test_class_encoder_is_one_hot_and_knows_its_classes(tmp_path):
+    te = content.ClassEncoder({"classes": ["apply eye makeup", "biking"]})
+    tokens, pooled = te(["ApplyEyeMakeup", "biking", "", "apply eye makeup"])  # a folder's name, or in words
+    assert torch.equal(pooled, torch.eye(3)[[0, 1, 2, 0]]) and torch.equal(tokens, pooled[:, None])  # "": null
+    with pytest.raises(ValueError, match="unknown class 'Surfing'.*apply eye makeup, biking"):
+        te(["Surfing"])
+    save_text_encoder(te, tmp_path)
+    assert load_text_encoder(tmp_path).config == te.config and not (tmp_path / "text_encoder.safetensors").exists()
+
+
+def test_ucf_unet_on_meta_takes_one_hot_classes():
+    with torch.device("meta"):
+        unet = content.scratch_unet("ucf", 102, (64, 64))
+        out = unet_model_fn(unet)(torch.empty(2, 3, 64, 64), torch.zeros(2), torch.empty(2, 1, 102))
+    assert out.shape == (2, 3, 64, 64) and 400e6 < sum(p.numel() for p in unet.parameters()) < 420e6
 
 
 def test_sd21_unet_on_meta():
@@ -1107,7 +1219,7 @@ def test_short_diffusion_training_run_loss_drops(stage, tmp_path):
     te = build_text_encoder("tiny")
     diffusion = Diffusion(prediction_type="v_prediction")
     if stage == "content":
-        model = content.tiny_unet(te.width, sample_size=8)
+        model = content.scratch_unet("tiny", te.width, sample_size=8)
 
         def loss_fn(model, batch):
             return diffusion.loss(content.unet_model_fn(model), batch[0], te(list(batch[2]))[0])
@@ -1279,6 +1391,18 @@ def test_wrong_latent_shape_is_a_clear_error():
         MotionDiT(TINY_DIT)(z[:, :, :-2], *rest)
 
 
+def test_ucf_preset_is_dit_b2_reading_the_class_through_adaln():
+    config = motion.config_for("ucf", None, ae.PRESETS["ucf"], (102, 102))
+    with torch.device("meta"):
+        model = MotionDiT(config)
+        z, t, content_frame, _, _ = example_inputs(config, 2, device="meta")
+        one_hot = torch.empty(2, 1, 102)
+        assert model(z, t, content_frame, one_hot, one_hot[:, 0]).shape == (2, 16, 64, 8)
+    assert model.text_embed.in_features == 102 and not config.cross_attention and not config.pool_text
+    assert 125e6 < sum(p.numel() for p in model.parameters()) < 135e6  # DiT-B/2's 130 M
+    assert model.motion_pos.shape[0] + model.content_pos.shape[0] == 256 + 256  # z's 8 x 32, x̄'s 16 x 16
+
+
 def test_pure_bf16_weights_run_without_autocast():
     model = perturbed_model(TINY_DIT).to(torch.bfloat16)
     inputs = [x.to(torch.bfloat16) for x in example_inputs(TINY_DIT, batch=2)]
@@ -1318,7 +1442,7 @@ def test_same_seed_same_video(run_dir):
     models = sample.load_models(run_dir, "cpu")
 
     def generate(seed):
-        return sample.generate(models, ["a yellow triangle rotating on a dark background"], 2, 3.0, 3.0,
+        return sample.generate(models, ["a yellow triangle rotating on a dark background"], 2, 3, 3.0, 3.0,
                                torch.Generator("cpu").manual_seed(seed), progress=False)[0]
 
     first = generate(0)
@@ -1514,15 +1638,35 @@ PAPER_COMMANDS = [
 ]
 
 
-def write_with_pyav(path, frames, codec):
-    """np.uint8 (L, H, W, 3) -> a file in any container PyAV writes (avi: mpeg4, webm: vp8)."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=8)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+def test_ucf_end_to_end(ucf_folder, vgg_file, i3d_file, tmp_path):
+    """The ucf commands as a user runs them, on a UCF-101-shaped folder at 16x16 (the preset's AE; the
+    tiny UNet and DiT: --size), one step each; then a class by its name, and FVD the field's way."""
+    run = tmp_path / "runs" / "ucf"
+    common = ["--preset", "ucf", "--data", str(ucf_folder), "--out", str(run), "--steps", "1", "--batch-size", "1",
+              "--grad-accum", "1"]
+    commands = [["ae.py", *common, "--resolution", "16x16", "--lpips-vgg", str(vgg_file)],
+                ["content.py", *common, "--size", "tiny"], ["motion.py", *common, "--size", "tiny"],
+                ["sample.py", "ApplyEyeMakeup", "--run", str(run), "--steps", "2", "--out", str(tmp_path / "samples")],
+                ["sample.py", "jump rope", "--run", str(run), "--steps", "2", "--out", str(tmp_path / "samples")],
+                ["tools/evaluate.py", "--run", str(run), "--data", str(ucf_folder), "--i3d", str(i3d_file),
+                 "--num-videos", "3", "--steps", "2", "--save-features", str(tmp_path / "real.npz")]]
+    outputs = []
+    for script, *argv in commands:
+        outputs.append(subprocess.run([sys.executable, str(Path(__file__).parent / script), *argv], cwd=tmp_path,
+                                      capture_output=True, text=True, timeout=300))
+        assert outputs[-1].returncode == 0, outputs[-1].stderr[-3000:]
+    assert content.load_text_encoder(run).config["classes"] == ["apply eye makeup", "biking", "jump rope"]
+    for name in ("applyeyemakeup", "jump-rope"):  # the folder's spelling, and the caption's
+        assert data.read_video(tmp_path / "samples" / f"{name}-0.mp4").shape == (16, 16, 16, 3)
+    result = json.loads(outputs[-1].stdout.strip().splitlines()[-1])
+    assert result["fvd"] > 0 and result["protocol"]["fvd"] == "stylegan-v"
+    assert result["protocol"]["prompts"] == "its 3 classes, uniformly"
+    real = np.load(tmp_path / "real.npz")["features"]  # the real set (testlist01) as the stand-in I3D saw it
+    assert given(real, "T", "H", "W", "uint8", "rescale", "resize") == [16, 16, 16, 1, 1, 1]
+    unknown = subprocess.run([sys.executable, str(Path(__file__).parent / "sample.py"), "Surfing", "--run", str(run)],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1
+    assert "unknown class 'Surfing'" in unknown.stderr and "apply eye makeup" in unknown.stderr
 
 
 def test_paper_path_end_to_end(tmp_path):
@@ -1581,12 +1725,30 @@ def test_detector_reads_real_videos():
         for i in range(len(dataset)):
             attributes = dataset.attributes(i)
             s = attributes["shapes"][0]
-            truth.append((s["color"], s["shape"], s["motion"]))
+            truth.append((s["color"], s["shape"], s["motion"], attributes["background"]))
             found.append(shapes.detect(data.render_shapes(attributes)))
-    color, shape, motion_ = shapes.accuracy(found, truth)
-    print(f"\ndetector on {len(truth)} real videos: color {color:.3f}, shape {shape:.3f}, motion {motion_:.3f}")
-    assert min(color, shape, motion_) >= 0.98
-    assert shapes.detect(np.full((16, 32, 32, 3), 128, np.uint8)) == ("none",) * 3
+    scores = shapes.accuracy(found, truth)
+    print(f"\ndetector on {len(truth)} real videos: colour, shape, motion, background {scores}")
+    assert scores == [1.0] * 4
+    assert shapes.detect(np.full((16, 32, 32, 3), 128, np.uint8))[:3] == ("none",) * 3
+
+
+def test_a_still_content_frame_and_the_cleanliness_measures_read_real_frames():
+    """The content stage alone is read off its content frame as a still image: exact on the middle frames
+    of real videos (what the AE's content frame is pulled to). Real videos have no speckle and no ghosts;
+    noise of +-10 is 5 units of speckle; a second blob of the shape's colour is a ghost."""
+    dataset = data.ShapesDataset(120, seed=8)
+    videos = [data.render_shapes(dataset.attributes(i)) for i in range(len(dataset))]
+    truth = [(a["shapes"][0]["color"], a["shapes"][0]["shape"], "none", a["background"])
+             for a in map(dataset.attributes, range(len(dataset)))]
+    assert shapes.accuracy([shapes.detect_still(v[8]) for v in videos], truth) == [1.0] * 4
+    video, colour = videos[0], truth[0][0]
+    assert shapes.speckle(video) == 0 and shapes.ghost_share(video, colour) == 0
+    noise = np.random.default_rng(0).integers(-10, 11, video.shape)
+    assert shapes.speckle(np.clip(video.astype(int) + noise, 0, 255).astype(np.uint8)) == pytest.approx(5, abs=0.3)
+    ghosted = video.copy()
+    ghosted[4:8, :, 1:3] = data.COLORS[colour]  # a bar of its colour at the left, in frames 4 to 7
+    assert shapes.ghost_share(ghosted, colour) == 4 / 16
 
 
 def test_eval_specs_cover_held_out_and_background():
@@ -1609,11 +1771,12 @@ def oracle_generate(models, prompts, *args, **kwargs):
         shape = {"color": words[1], "shape": words[2], "motion": motion_, "radius": 0.17,
                  "x": 0.5 - data.TRAVEL * dx / 2, "y": 0.5 - data.TRAVEL * dy / 2}
         videos.append(data.render_shapes({"background": words[-2], "shapes": [shape]}))
-    return data.uint8_to_video(np.stack(videos)), None
+    videos = data.uint8_to_video(np.stack(videos))
+    return videos, videos[:, 8]  # the content frame: the middle frame, as the AE pulls it
 
 
 def blank_generate(models, prompts, *args, **kwargs):
-    return torch.zeros(len(prompts), 16, 3, 32, 32), None  # grey: nothing drawn
+    return torch.zeros(len(prompts), 16, 3, 32, 32), torch.zeros(len(prompts), 3, 32, 32)  # grey: nothing drawn
 
 
 def test_shapes_evaluation_scores_an_oracle_1_and_a_blank_generator_0(run_dir, monkeypatch, capsys):
@@ -1623,10 +1786,15 @@ def test_shapes_evaluation_scores_an_oracle_1_and_a_blank_generator_0(run_dir, m
         lines = capsys.readouterr().out.strip().splitlines()
         summary = json.loads(lines[-1])
         assert summary["n"] == 8 and summary["heldout_n"] == 2
-        for prefix in ("", "heldout_", "motion_"):  # all generated, the held-out combinations, the motion stage
-            assert [summary[f"{prefix}{k}_acc"] for k in ("color", "shape", "motion")] == [score] * 3, prefix
-        assert summary["real_color_acc"] == summary["real_shape_acc"] == summary["real_motion_acc"] == 1.0
-        assert "| real videos | 8 | 1.000 | 1.000 | 1.000 |" in lines
+        for prefix in ("", "heldout_", "motion_", "content_"):  # generated, held-out, motion stage, content stage
+            assert [summary.get(f"{prefix}{k}_acc", score) for k in ("color", "shape", "motion")] == [score] * 3
+        assert "content_motion_acc" not in summary  # a still content frame shows no motion
+        # grey is nearest the gradient: a blank video reads as gradient, as a quarter of the captions ask
+        assert summary["background_acc"] == (1.0 if score else 0.25)
+        assert [summary[f"real_{k}_acc"] for k in ("color", "shape", "motion", "background")] == [1.0] * 4
+        assert "| real videos | 8 | 1.000 | 1.000 | 1.000 | 1.000 |" in lines
+        assert summary["real_speckle"] == summary["real_ghosts"] == 0
+        assert summary["speckle"] == 0 and summary["ghosts"] == 0  # the oracle's, and a blank video's
 
 
 def test_motion_transfer_evaluation_scores_an_oracle(run_dir, monkeypatch, capsys):
@@ -1637,6 +1805,15 @@ def test_motion_transfer_evaluation_scores_an_oracle(run_dir, monkeypatch, capsy
     summary = last_json(capsys)
     assert summary["n"] == 6 and summary["color_is_prompts"] == summary["shape_is_prompts"] == 1.0
     assert summary["motion_is_sources"] == 1.0 and summary["color_is_sources"] == summary["shape_is_sources"] == 0.0
+
+
+def test_ucf_check_times_each_stage_and_its_release_days():
+    result = paper_check.main(["--preset", "ucf", "--toy", "--device", "cpu"])
+    for stage in ("ae", "content", "motion"):
+        row = result[stage]
+        assert row["batch"] * row["grad_accum"] == 256 and row["seconds_per_micro_batch"] > 0
+        epochs = paper_check.UCF_EPOCHS[stage] * paper_check.UCF_VIDEOS / 256
+        assert row["days_here"] == pytest.approx(epochs * row["seconds_per_step_of_256"] / 86400)
 
 
 # --- tools/bench.py ----------------------------------------------------------------------------------
@@ -1653,7 +1830,8 @@ TINY_SETUP = dict(
              norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
     ae=ae.AEConfig(frames=4, channels=4, patch=2, hidden=16, heads=2, encoder_depth=1, decoder_depth=1, motion_dim=4),
     motion=MotionConfig(frames=4, content_patch=4, text_dim=16, pooled_dim=16, hidden=16, depth=1, heads=2),
-    sample_latent=(8, 16), train_latent=(8, 8), steps=2, text_len=77, cfg_scale=7.5,
+    sample_latent=(8, 16), train_latent=(8, 8), content_steps=2, motion_steps=3, text_len=77, cfg_scale=7.5,
+    frames_at_once=4,
 )
 
 
@@ -1675,7 +1853,8 @@ def test_sampling_flops_tiny_cmd_below_modelscope():
     assert total["CMD"] < total["ModelScope"]
     for parts in costs.values():
         for p in parts:
-            assert 0 <= p.attention < p.flops and p.calls in (TINY_SETUP["steps"], 1, TINY_SETUP["ae"].frames)
+            assert 0 <= p.attention < p.flops and p.calls in (2, 3, 1, TINY_SETUP["ae"].frames)
+    assert [p.calls for p in costs["CMD"][:2]] == [2, 3]  # the content and the motion stage's own steps
     # frame-wise SD runs the content UNet on all frames: exactly L times CMD's content UNet
     assert costs["frame-wise SD"][0].flops == TINY_SETUP["ae"].frames * costs["CMD"][0].flops
 
@@ -1705,6 +1884,17 @@ def test_bench_prints_tables_and_json_last(capsys):
     assert "| CMD |" in "\n".join(out)
 
 
+def test_profile_takes_algorithm_1_apart_on_the_cpu(capsys):
+    result = bench_tool.main(["--profile", "--preset", "tiny", "--device", "cpu", "--runs", "1", "--steps", "2"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1]) == result and any(line.startswith("| content UNet, a DDIM step") for line in out)
+    parts = [name for name, value in result.items() if isinstance(value, dict)]
+    assert len(parts) == 6 and all(result[name]["seconds"] > 0 for name in parts)
+    # the whole video's FLOPs are its parts' times their calls (the DDIM update itself counts 0)
+    whole = result["Algorithm 1, the whole video (generate)"]["tflops"]
+    assert whole == pytest.approx(sum(result[name]["calls"] * result[name]["tflops"] for name in parts[:-1]), rel=1e-6)
+
+
 def test_bench_without_a_gpu_says_so(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -1729,7 +1919,21 @@ def test_frechet_distance_closed_form_for_diagonal_covariances():
     mean_a, mean_b = np.array([0.0, 1.0, 2.0, 3.0]), np.array([1.0, 1.0, 0.0, 3.0])
     a, b = gaussian_sample(mean_a, np.diag(var_a), 50, 0), gaussian_sample(mean_b, np.diag(var_b), 80, 1)
     expected = ((mean_a - mean_b) ** 2).sum() + ((np.sqrt(var_a) - np.sqrt(var_b)) ** 2).sum()
-    assert evaluate.frechet_distance(a, b) == pytest.approx(expected, rel=1e-10)
+    assert evaluate.frechet_distance(a, b, "pvdm") == pytest.approx(expected, rel=1e-10)  # pvdm: unbiased covariance
+
+
+def test_fvd_statistics_are_stylegan_vs_biased_ones_or_pvdms_unbiased_ones():
+    x = np.random.default_rng(3).normal(2, 3, size=(50, 6))
+    mean, cov = evaluate.statistics(x)  # the default: StyleGAN-V's FeatureStats.get_mean_cov
+    raw_mean, raw_cov = x.sum(0), x.T @ x  # what it accumulates
+    np.testing.assert_allclose(mean, raw_mean / 50, rtol=1e-12)
+    np.testing.assert_allclose(cov, raw_cov / 50 - np.outer(raw_mean / 50, raw_mean / 50), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(evaluate.statistics(x, "pvdm")[1], cov * 50 / 49, rtol=1e-9)  # np.cov's N - 1
+    # the default distance uses the biased one: for a shifted copy scaled by s, Tr(S) (1 - s)^2 + shift^2
+    shift, scale = np.arange(6.0), 1.5
+    expected = (shift ** 2).sum() + np.trace(cov) * (1 - scale) ** 2
+    centred = x - mean
+    assert evaluate.frechet_distance(x, mean + shift + scale * centred) == pytest.approx(expected, rel=1e-9)
 
 
 def test_frechet_distance_random_covariances_match_eigenvalue_reference():
@@ -1742,7 +1946,7 @@ def test_frechet_distance_random_covariances_match_eigenvalue_reference():
     a, b = gaussian_sample(mean_a, cov_a, 40, 3), gaussian_sample(mean_b, cov_b, 30, 4)
     trace_sqrt = np.sqrt(np.linalg.eigvals(cov_a @ cov_b).real).sum()
     expected = ((mean_a - mean_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt
-    assert evaluate.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    assert evaluate.frechet_distance(a, b, "pvdm") == pytest.approx(expected, rel=1e-9)
 
 
 def test_frechet_distance_zero_for_the_same_statistics_and_symmetric():
@@ -1765,22 +1969,24 @@ def test_frechet_distance_stable_when_covariances_are_singular():
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     trace_sqrt = np.sqrt(np.abs(np.linalg.eigvals(cov_a @ cov_b).real)).sum()
     expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt
-    assert evaluate.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert evaluate.frechet_distance(a, b, "pvdm") == pytest.approx(expected, rel=1e-6)
 
 
-def test_i3d_loads_from_file_and_sees_the_protocol(i3d_file):
+def test_i3d_is_called_as_stylegan_v_calls_it_or_as_pvdm_does(i3d_file):
     detector = evaluate.load_i3d(i3d_file, "cpu")
-    videos = random_videos(3, frames=20)
-    features = evaluate.i3d_features(detector, videos, "cpu")
-    assert features.dtype == np.float64 and features.shape == (3, 16)
-    # 16 frames at 224 x 224, values in [-1, 1], already rescaled and resized, features asked for
-    assert features[0, 8:11].tolist() == [16, 224, 224]
-    assert -1 <= features[:, 11].min() and features[:, 12].max() <= 1
-    assert features[0, 13:].tolist() == [0, 0, 1]
+    videos = random_videos(3, frames=20, height=32, width=64)  # 2:1
+    features = evaluate.i3d_features(detector, videos, "cpu")  # the default: StyleGAN-V's fvd2048_16f
+    assert features.dtype == np.float64 and features.shape == (3, 17)
+    # its first 16 frames whole, 2:1 as they are, uint8 values in [0, 255]; the network rescales and resizes
+    assert given(features, "T", "H", "W", "uint8", "rescale", "resize", "return_features") == [16, 32, 64, 1, 1, 1, 1]
+    assert 0 <= features[:, GIVEN["min"]].min() and 128 < features[:, GIVEN["max"]].max() <= 255
+    pvdm = evaluate.i3d_features(detector, videos, "cpu", "pvdm")  # shorter side to 224, centre crop, [-1, 1]
+    assert given(pvdm, "T", "H", "W", "uint8", "rescale", "resize") == [16, 224, 224, 0, 0, 0]
+    assert -1 <= pvdm[:, GIVEN["min"]].min() and pvdm[:, GIVEN["max"]].max() <= 1
     # the same features for the same video: again, and alone rather than in a batch
     np.testing.assert_array_equal(evaluate.i3d_features(detector, videos, "cpu"), features)
     alone = evaluate.i3d_features(detector, videos[1:2], "cpu")[0]
-    np.testing.assert_allclose(alone[:11], features[1, :11], atol=1e-6)  # (min and max are the batch's)
+    np.testing.assert_allclose(alone[:11], features[1, :11], rtol=1e-5)  # (min and max are the batch's)
     assert not np.allclose(features[0, :8], features[1, :8])
 
 
@@ -1790,12 +1996,12 @@ def test_i3d_input_resizes_the_shorter_side_and_crops_the_centre():
     video = np.zeros((16, 50, 150, 3), np.uint8)
     for third, channel in enumerate((0, 1, 2)):
         video[:, :, 50 * third:50 * (third + 1), channel] = 255
-    x = evaluate.i3d_input(video)
+    x = evaluate.i3d_input(video, "pvdm")
     assert x.shape == (3, 16, 224, 224)
     middle = x[:, :, :, 4:-4]
     torch.testing.assert_close(middle[1], torch.ones_like(middle[1]))  # green: 255 -> 1
     torch.testing.assert_close(middle[[0, 2]], -torch.ones_like(middle[[0, 2]]))  # red, blue: 0 -> -1
-    tall = evaluate.i3d_input(random_videos(1, frames=17, height=300, width=100)[0])
+    tall = evaluate.i3d_input(random_videos(1, frames=17, height=300, width=100)[0], "pvdm")
     assert tall.shape == (3, 16, 224, 224) and -1 <= tall.min() and tall.max() <= 1
 
 
@@ -1847,7 +2053,8 @@ def test_fvd_of_a_run_prompts_it_with_the_real_captions(run_dir, i3d_file, tmp_p
                    "--steps", "2", "--batch-size", "2", "--device", "cpu"])
     result = last_json(capsys)
     assert prompted == ["000", "001", "002"]  # the captions of the real videos
-    assert result["fvd"] > 0 and result["protocol"]["steps"] == 2 and result["protocol"]["size"] == [32, 32]
+    assert result["fvd"] > 0 and result["protocol"]["size"] == [32, 32]
+    assert result["protocol"]["content_steps"] == result["protocol"]["motion_steps"] == 2  # --steps sets both
 
 
 TINY_CLIP = {"embed_dim": 16,

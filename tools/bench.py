@@ -5,11 +5,17 @@ Sampling one 16-frame 512x1024 video (50 DDIM steps with guidance) and one train
 Stable Diffusion, with random weights at the real sizes:
   * FLOPs, always: counted on the `meta` device (nothing allocated, about a minute on a CPU),
   * seconds and peak memory, on a GPU: bf16, one warm-up, median of 3 runs.
-CMD's sampling runs sample.generate, the same Algorithm 1 that sample.py runs.
+CMD's sampling runs sample.generate, the same Algorithm 1 that sample.py runs; the baselines get
+what it gets (CUDA graphs, the SD VAE decoding frames in batches), so the ratio stays fair.
+--profile takes Algorithm 1 apart at any preset, on a CPU too: seconds, FLOPs and TFLOP/s of a call
+of each part (text encoder, a content UNet step, a DiT step, the AE and SD VAE decoders).
 
     python tools/bench.py                        # FLOPs tables, and the JSON line last
     python tools/bench.py --device cuda          # + seconds and peak memory
-    python tools/bench.py --device cuda --compile  # the denoisers under torch.compile
+    python tools/bench.py --device cuda --eager  # ... each DDIM step launched from Python, a frame at a time
+    python tools/bench.py --device cuda --compile  # the denoisers and training steps under torch.compile
+    python tools/bench.py --profile --preset tiny --device cpu   # where the time goes
+    python tools/bench.py --profile --device cuda --steps 25     # the paper preset, 25 + 25 steps
 """
 import argparse
 import json
@@ -28,8 +34,8 @@ import ae  # noqa: E402
 import content  # noqa: E402
 import motion  # noqa: E402
 from content import SD21_UNET_CONFIG, Diffusion, unet_model_fn  # noqa: E402
-from data import count_flops  # noqa: E402
-from motion import MotionDiT, example_inputs, shapes_from  # noqa: E402
+from data import CAPTION_WORDS, WORDS, count_flops, parse_resolution  # noqa: E402
+from motion import MotionDiT, dit_model_fn, example_inputs, shapes_from  # noqa: E402
 from sample import Models, generate  # noqa: E402
 
 # Two ways to count, because the paper counts differently from us:
@@ -72,7 +78,8 @@ MODELSCOPE_UNET_CONFIG = dict(
 PAPER_SETUP = dict(
     unet=SD21_UNET_CONFIG, unet3d=MODELSCOPE_UNET_CONFIG, vae=SD21_VAE_CONFIG,
     ae=ae.PRESETS["paper"], motion=motion.PRESETS["paper"],
-    sample_latent=(64, 128), train_latent=(64, 64), steps=50, text_len=77, cfg_scale=7.5,
+    sample_latent=(64, 128), train_latent=(64, 64), content_steps=50, motion_steps=50, text_len=77, cfg_scale=7.5,
+    frames_at_once=ae.FrameSpace().frames_at_once,  # the SD VAE's batch of frames, as sample.py decodes
 )
 
 # The paper's own numbers [TFLOPs as fvcore multiply-adds, seconds, GB]. Table 9: sampling one
@@ -141,11 +148,12 @@ class Part:
 def sampling_flops(setup):
     """{system: [Part]} for sampling one video, counted on `meta`. Each network's forward is
     counted once, at the batch the sampler runs it, and multiplied by the number of DDIM
-    steps: every step costs the same, and the DDIM update (elementwise) counts as 0."""
+    steps: every step costs the same, and the DDIM update (elementwise) counts as 0. ModelScope
+    and frame-wise SD, one diffusion each, take the content stage's steps."""
     nets = build(setup, ("unet", "unet3d", "vae", "ae", "dit"), setup["sample_latent"], "meta")
     a = nets["ae"].config
     L, C, H, W = a.frames, a.channels, a.height, a.width
-    steps = setup["steps"]
+    steps, motion_steps = setup["content_steps"], setup["motion_steps"]
     count = count_flops
     with torch.device("meta"), torch.no_grad():
         t = torch.zeros(2 * L)
@@ -157,10 +165,10 @@ def sampling_flops(setup):
         unet3d = count(lambda: nets["unet3d"](torch.empty(2, C, L, H, W), t[:2], encoder_hidden_states=tokens[:2]))
         dit = count(lambda: nets["dit"](*example_inputs(nets["dit"].config, 2, setup["text_len"], "meta")))
         ae_decoder = count(lambda: nets["ae"].decode(content_frame, motion_latent))
-        vae = count(lambda: nets["vae"].decode(content_frame))  # one frame at a time, as FrameSpace decodes
-    decode = Part(f"SD VAE decoder, {L} frames one by one", L, *vae, sd_decode=True)
+        vae = count(lambda: nets["vae"].decode(content_frame))  # per frame: the same in any batch
+    decode = Part(f"SD VAE decoder, {L} frames", L, *vae, sd_decode=True)
     return {"CMD": [Part("content UNet (SD 2.1), CFG batch 2", steps, *unet, cfg=2),
-                    Part("motion DiT, CFG batch 2", steps, *dit, cfg=2),
+                    Part("motion DiT, CFG batch 2", motion_steps, *dit, cfg=2),
                     Part("AE decoder, batch 1", 1, *ae_decoder), decode],
             "ModelScope": [Part(f"3D UNet on {L} frames, CFG batch 2", steps, *unet3d, cfg=2), decode],
             "frame-wise SD": [Part(f"SD 2.1 UNet on {L} frames, CFG batch 2 x {L}", steps, *frames, cfg=2), decode]}
@@ -175,23 +183,25 @@ def random_text_encoder(setup, device, dtype):
                             torch.randn(len(prompts), pooled_dim, device=device, dtype=dtype))
 
 
-def sd_frame_space(vae):
+def sd_frame_space(vae, frames_at_once):
     """ae.FrameSpace around an SD VAE with random weights, in place of a download."""
-    frame_space = ae.FrameSpace()
+    frame_space = ae.FrameSpace(frames_at_once=frames_at_once)
     frame_space.vae = vae
     return frame_space
 
 
 @torch.no_grad()
-def sample_video(system, nets, text_encoder, setup):
+def sample_video(system, nets, text_encoder, setup, eager=False):
     """One video by `system`, through the real samplers (content.Diffusion's DDIM, guidance on
-    the batched pair): (1, L, 3, 8H, 8W) pixels."""
+    the batched pair): (1, L, 3, 8H, 8W) pixels. As sample.py runs on a GPU, each DDIM step a CUDA graph
+    and the SD VAE decoding `frames_at_once`; eager: each step launched from Python, a frame at a time."""
     diffusion = Diffusion(prediction_type="v_prediction")
+    frame_space = sd_frame_space(nets["vae"], 1 if eager else setup["frames_at_once"])
     if system == "CMD":  # sample.py's Algorithm 1 (its one extra SD decode, of the content frame, included)
-        models = Models(text_encoder, nets["unet"], diffusion, nets["dit"], diffusion, nets["ae"],
-                        sd_frame_space(nets["vae"]), setup["cfg_scale"], setup["cfg_scale"])
-        return generate(models, ["a prompt"], setup["steps"], progress=False)[0]
-    ddim = dict(steps=setup["steps"], cfg_scale=setup["cfg_scale"], progress=False)
+        models = Models(text_encoder, nets["unet"], diffusion, nets["dit"], diffusion, nets["ae"], frame_space,
+                        setup["cfg_scale"], setup["cfg_scale"], setup["content_steps"], setup["motion_steps"])
+        return generate(models, ["a prompt"], progress=False, cuda_graphs=not eager)[0]
+    ddim = dict(steps=setup["content_steps"], cfg_scale=setup["cfg_scale"], progress=False, cuda_graph=not eager)
     L, C, H, W = setup["ae"].frames, setup["ae"].channels, *setup["sample_latent"]
     tokens, null_tokens = text_encoder(["a prompt"])[0], text_encoder([""])[0]
     if system == "ModelScope":  # all frames denoised jointly
@@ -200,7 +210,7 @@ def sample_video(system, nets, text_encoder, setup):
     else:  # frame-wise SD: the frames as a batch of independent images with the same prompt
         frames = diffusion.ddim_sample(unet_model_fn(nets["unet"]), (L, C, H, W), tokens.expand(L, -1, -1),
                                        null_tokens.expand(L, -1, -1), **ddim)[None]
-    return sd_frame_space(nets["vae"]).decode(frames)
+    return frame_space.decode(frames)
 
 
 # ----------------------------------------------------------------------------- benchmark: training (Table 8)
@@ -239,6 +249,95 @@ def training_flops(setup):
 # ----------------------------------------------------------------------------- benchmark: time and memory
 # Wall clock and peak memory, on a GPU.
 
+# ----------------------------------------------------------------------------- profile: where the time goes
+# Algorithm 1 part by part, at a preset's sizes with random weights, on any device: the seconds and
+# FLOPs (FlopCounterMode, as above) of one call of each part, and the share of the GPU's peak it uses.
+
+PEAK_TFLOPS = {"NVIDIA H200": 989, "NVIDIA H100 80GB HBM3": 989, "NVIDIA A100-SXM4-80GB": 312,
+               "NVIDIA A100-SXM4-40GB": 312}  # dense bf16, the vendors' datasheets
+
+
+def preset_models(preset, device, resolution=None):
+    """sample.Models of a preset, random weights at its sizes (the paper's: SD 2.1, ViT-H-14, DiT-XL/2)."""
+    a = ae.config_at(ae.PRESETS[preset], resolution) if resolution else ae.PRESETS[preset]
+    c = content.PRESETS[preset]
+    with torch.device(device):
+        if c.text == "classes":
+            text_encoder = content.ClassEncoder({"classes": [f"class {k}" for k in range(101)]})
+        elif c.text == "words":
+            text_encoder = content.WordEncoder({"words": WORDS, "context_length": CAPTION_WORDS})
+        else:
+            text_encoder = content.TextEncoder(content.text_config(c.text))
+        unet = (UNet2DConditionModel(**SD21_UNET_CONFIG) if c.sd else
+                content.scratch_unet(c.unet, text_encoder.width, (a.height, a.width), a.channels))
+        dit = MotionDiT(motion.config_for(preset, None, a, (text_encoder.width, text_encoder.embed_dim)))
+        frame_space = sd_frame_space(AutoencoderKL(**SD21_VAE_CONFIG), ae.FrameSpace().frames_at_once) if a.sd \
+            else ae.FrameSpace()
+        autoencoder = ae.Autoencoder(a)
+    nets = [net.eval().requires_grad_(False) for net in (text_encoder, unet, dit, autoencoder)]
+    diffusion = Diffusion(prediction_type="v_prediction")
+    return Models(nets[0], nets[1], diffusion, nets[2], diffusion, nets[3], frame_space, c.cfg_scale,
+                  dit.config.cfg_scale, c.sample_steps, dit.config.sample_steps)
+
+
+def timed(fn, device, runs):
+    """Median seconds of fn() after a warm-up, the GPU synchronised around each call."""
+    fn()
+    seconds = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+@torch.no_grad()
+def profile(preset, device, resolution, runs, steps):
+    """Print, and return as the JSON line, each part of Algorithm 1: calls per video, seconds and
+    TFLOPs a call, TFLOP/s, the share of the GPU's dense bf16 peak, and seconds per video."""
+    models = preset_models(preset, device, resolution)
+    models.content_steps, models.motion_steps = steps["content_steps"], steps["motion_steps"]
+    te, a, L = models.text_encoder, models.ae.config, models.ae.config.frames
+    prompt = te.config["classes"][0] if "classes" in te.config else "a red circle moving left on a dark background"
+    with torch.device(device):
+        x, t = torch.randn(2, a.channels, a.height, a.width), torch.full((2,), 500)
+        z = torch.randn(2, L, (a.height + a.width) // a.patch, a.motion_dim)
+        frames = torch.randn(1, L, a.channels, a.height, a.width)
+    tokens, pooled = (torch.cat([u, v]) for u, v in zip(te([prompt]), te([""])))  # the CFG pair
+    parts = {"text encoder, a prompt and the null one": (1, lambda: (te([prompt]), te([""]))),
+             "content UNet, a DDIM step (CFG batch 2)": (models.content_steps,
+                                                          lambda: unet_model_fn(models.unet)(x, t, tokens)),
+             "motion DiT, a DDIM step (CFG batch 2)": (models.motion_steps,
+                                                       lambda: dit_model_fn(models.dit)(z, t, (x, tokens, pooled))),
+             "AE decoder": (1, lambda: models.ae.decode(x[:1], z[:1])),
+             f"{'SD VAE decoder' if a.sd else 'frame space (pixels)'}, {L} frames + the content frame":
+                 (1, lambda: (models.frame_space.decode(frames), models.frame_space.decode(frames[:, :1]))),
+             "Algorithm 1, the whole video (generate)": (1, lambda: generate(models, [prompt], progress=False))}
+    peak = PEAK_TFLOPS.get(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    result, rows = {"preset": preset, "device": str(device), "torch": torch.__version__, **steps}, []
+    with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda", cache_enabled=False):
+        for name, (calls, fn) in parts.items():
+            flops = count_flops(lambda: generate(models, [prompt], progress=False, cuda_graphs=False)
+                                if name.startswith("Algorithm") else fn())[0]  # graph replays are not seen
+            seconds = timed(fn, device, runs)
+            share = f"{flops / seconds / 1e12 / peak:.1%}" if peak else "-"
+            rows.append((name, calls, f"{seconds * 1e3:.2f}", f"{flops / 1e12:.4f}", f"{flops / seconds / 1e12:.1f}",
+                         share, f"{calls * seconds:.3f}"))
+            result[name] = {"calls": calls, "seconds": seconds, "tflops": flops / 1e12}
+    print(f"## Algorithm 1 at the {preset} preset, {a.video_size[0]}x{a.video_size[1]}, on {device}"
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, {dtype}, "
+          f"median of {runs} after a warm-up; the whole video as sample.py runs it\n")
+    print(markdown(["part", "calls a video", "ms a call", "TFLOPs a call", "TFLOP/s", "of the dense bf16 peak",
+                    "seconds a video"], rows))
+    print(json.dumps(result))
+    return result
+
+
 def measure(fn, device, runs):
     """(median seconds, peak GB) of fn() after one warm-up call (cuDNN autotuning, the caching
     allocator, torch.compile). The GPU is synchronised only around each whole call."""
@@ -254,33 +353,36 @@ def measure(fn, device, runs):
     return statistics.median(seconds), torch.cuda.max_memory_allocated(device) / 1e9
 
 
-def sampling_on_gpu(setup, device, runs, compile_models=False):
-    """{system: (seconds, peak GB)} of sampling one video, bf16 weights, plus "SD decode" alone.
-    Autocast turns the few fp32 tensors (the DDIM state, timestep features) into bf16 on the fly."""
+def sampling_on_gpu(setup, device, runs, compile_models=False, eager=False, systems=tuple(SYSTEMS)):
+    """{system: (seconds, peak GB)} of sampling one video, bf16 weights, plus "SD decode" alone; as
+    sample.py runs (or eager: sample_video). Every system gets the same treatment. Autocast turns the
+    few fp32 tensors (the DDIM state, timestep features) into bf16 on the fly."""
     text_encoder = random_text_encoder(setup, device, torch.bfloat16)
     results = {}
-    for system, (names, _) in SYSTEMS.items():
-        nets = build(setup, names, setup["sample_latent"], device, torch.bfloat16)
-        if compile_models:  # the denoisers: the 50-step loops are where the time goes
+    for system in systems:
+        nets = build(setup, SYSTEMS[system][0], setup["sample_latent"], device, torch.bfloat16)
+        if compile_models:  # the denoisers: the DDIM loops are where the time goes
             nets.update({k: torch.compile(v) for k, v in nets.items() if k in ("unet", "dit", "unet3d")})
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            results[system] = measure(lambda: sample_video(system, nets, text_encoder, setup), device, runs)
+            results[system] = measure(lambda: sample_video(system, nets, text_encoder, setup, eager), device, runs)
             if system == "CMD":
                 a = setup["ae"]
                 latents = torch.randn(1, a.frames, a.channels, *setup["sample_latent"], device=device)
-                results["SD decode"] = measure(lambda: sd_frame_space(nets["vae"]).decode(latents), device, runs)
+                frame_space = sd_frame_space(nets["vae"], 1 if eager else setup["frames_at_once"])
+                results["SD decode"] = measure(lambda: frame_space.decode(latents), device, runs)
         del nets
         torch.cuda.empty_cache()
     return results
 
 
-def training_on_gpu(setup, device, runs):
-    """{name: (seconds per step, peak GB) or None if out of memory}: data.train's step, bf16
-    autocast on fp32 weights, backward, AdamW (its EMA update left out, as in the paper's baselines)."""
+def training_on_gpu(setup, device, runs, compile_models=False):
+    """{name: (seconds per step, peak GB) or None if out of memory}: data.train's step, bf16 autocast
+    on fp32 weights, backward, fused AdamW (its EMA update left out, as in the paper's baselines)."""
     results = {}
     for name in TRAINING:
         model, loss = training_case(name, setup, device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=True)
+        loss = torch.compile(loss) if compile_models else loss
 
         def step():
             with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -313,7 +415,8 @@ def print_flops(sampling, training, setup):
     """The FLOPs tables, ours next to the paper's; returns their numbers for the JSON line."""
     L, (H, W), (h, w) = setup["ae"].frames, setup["sample_latent"], setup["train_latent"]
     result = {}
-    print(f"## Sampling one {L}-frame {8 * H}x{8 * W} video: {setup['steps']} DDIM steps with CFG, batch 1\n")
+    print(f"## Sampling one {L}-frame {8 * H}x{8 * W} video: {setup['content_steps']} + {setup['motion_steps']} DDIM "
+          "steps with CFG, batch 1 (ModelScope and frame-wise SD: the first number)\n")
     print("TFLOPs: FlopCounterMode on `meta`, 2 FLOPs per multiply-add, attention included, the CFG pair counted "
           "as the batch of 2 it runs as; each forward counted once and multiplied by its calls.\n")
     print(markdown(["system", "network", "calls", "TFLOPs per call", "TFLOPs"],
@@ -356,12 +459,15 @@ def print_flops(sampling, training, setup):
     return result
 
 
-def print_gpu(setup, device, runs, compile_models):
+def print_gpu(setup, device, runs, compile_models, eager=False):
     """Time and peak memory of sampling and of training steps; returns their numbers."""
-    result = {"device": torch.cuda.get_device_name(device)}
-    print(f"## Time and memory on {result['device']}: bf16, median of {runs} runs after a warm-up"
-          f"{', torch.compile' if compile_models else ''}; peak = torch.cuda.max_memory_allocated, weights included\n")
-    timed = sampling_on_gpu(setup, device, runs, compile_models)
+    result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__}
+    how = "eager: each DDIM step launched from Python, the SD VAE a frame at a time" if eager else \
+        f"as sample.py: each DDIM step a CUDA graph, the SD VAE {setup['frames_at_once']} frames at once"
+    print(f"## Time and memory on {result['device']} (torch {torch.__version__}): bf16, {how}, median of {runs} runs "
+          f"after a warm-up{', torch.compile' if compile_models else ''}; peak = torch.cuda.max_memory_allocated, "
+          "weights included\n")
+    timed = sampling_on_gpu(setup, device, runs, compile_models, eager)
     decode_seconds = timed.pop("SD decode")[0]
     result["sd_decode_seconds"] = decode_seconds
     rows = []
@@ -372,7 +478,7 @@ def print_gpu(setup, device, runs, compile_models):
     print(markdown(["sampling", "seconds", "seconds w/o SD decode", "peak GB",
                     "paper s (A100, fp16, w/o SD decode)", "paper GB"], rows))
     rows = []
-    for name, measured in training_on_gpu(setup, device, runs).items():
+    for name, measured in training_on_gpu(setup, device, runs, compile_models).items():
         paper = PAPER_TRAINING[name]
         if measured is None:
             rows.append((name, "out of memory", "-", paper[1], paper[2]))
@@ -384,7 +490,7 @@ def print_gpu(setup, device, runs, compile_models):
     return result
 
 
-def bench(device, setup=PAPER_SETUP, runs=3, compile_models=False):
+def bench(device, setup=PAPER_SETUP, runs=3, compile_models=False, eager=False):
     """Print the paper's two efficiency tables next to ours and return ours as a dict, also
     printed as the last line (JSON). FLOPs always (on `meta`); seconds and memory on a GPU."""
     start = time.perf_counter()
@@ -394,7 +500,7 @@ def bench(device, setup=PAPER_SETUP, runs=3, compile_models=False):
     print(f"FLOPs counted in {flops_seconds:.1f} s.\n")
     result["flops_seconds"] = flops_seconds
     if device.type == "cuda":
-        result.update(print_gpu(setup, device, runs, compile_models))
+        result.update(print_gpu(setup, device, runs, compile_models, eager))
     else:
         print("No GPU: seconds and memory need one (python tools/bench.py --device cuda on a CUDA machine).")
     result = {k: significant(v) if isinstance(v, float) else v for k, v in result.items()}
@@ -405,14 +511,25 @@ def bench(device, setup=PAPER_SETUP, runs=3, compile_models=False):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="seconds and memory are measured on cuda only")
-    parser.add_argument("--compile", action="store_true", help="time the denoisers under torch.compile")
+                        help="seconds and memory are measured on cuda only (--profile: any device)")
+    parser.add_argument("--compile", action="store_true", help="time the denoisers and training under torch.compile")
+    parser.add_argument("--eager", action="store_true", help="time sampling without CUDA graphs, a frame at a time")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per number (their median)")
+    parser.add_argument("--steps", type=int, help="DDIM steps of both stages (default 50, the paper's)")
+    parser.add_argument("--content-steps", type=int, help="DDIM steps of the content frame (and of the baselines)")
+    parser.add_argument("--motion-steps", type=int, help="DDIM steps of the motion latent")
+    parser.add_argument("--profile", action="store_true", help="where Algorithm 1's time goes, part by part")
+    parser.add_argument("--preset", default="paper", choices=ae.PRESETS, help="with --profile: the sizes")
+    parser.add_argument("--resolution", type=parse_resolution, help="with --profile: HEIGHTxWIDTH of the video")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but PyTorch sees no CUDA GPU")
-    bench(device, runs=args.runs, compile_models=args.compile)
+    steps = dict(content_steps=args.content_steps or args.steps or 50,
+                 motion_steps=args.motion_steps or args.steps or 50)
+    if args.profile:
+        return profile(args.preset, device, args.resolution, args.runs, steps)
+    return bench(device, {**PAPER_SETUP, **steps}, runs=args.runs, compile_models=args.compile, eager=args.eager)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,18 @@
 
 FVD (Unterthiner et al. 2018, "Towards accurate generative models of video"): the Fréchet
 distance between Gaussians fitted to Kinetics-400 I3D features of real and generated videos.
-Protocol, as most video papers' code computes it (docs/evaluating.md):
-  * the I3D: StyleGAN-V's TorchScript port of the TF-Hub model, i3d_torchscript.pt, a local
-    file (--i3d); its 400 pre-softmax features,
-  * 16 frames per video, shorter side resized to 224 (bilinear), centre crop 224 x 224,
-    values in [-1, 1],
+Two conventions are in use (docs/evaluating.md); both run StyleGAN-V's TorchScript port of the
+TF-Hub I3D, i3d_torchscript.pt, a local file (--i3d), and take its 400 pre-softmax features:
+  * --fvd stylegan-v (the default; StyleGAN-V's fvd2048_16f, which Latte and most later papers
+    quote): the first 16 frames of the whole clip, uint8, called with rescale=True, resize=True
+    (the network makes its own 224 x 224 input), statistics with the biased covariance,
+  * --fvd pvdm (PVDM's and the CMD release's, as common_metrics_on_video_quality computes it):
+    shorter side resized to 224, centre crop, [-1, 1], rescale=False, resize=False, the unbiased
+    covariance,
   * 2,048 videos per set (--num-videos), fixed seeds (--seed),
   * the real set: --data's held-out split (data.make_dataset(split="val"), as training holds
-    it out; --split all for a listing held out already), at the generated videos' size, so
-    that both sets take the same path to the I3D,
+    it out; --split train for PVDM's UCF-101 protocol, --split all for a listing held out
+    already), at the generated videos' size, so that both sets take the same path to the I3D,
   * the Fréchet distance of float64 statistics (frechet_distance below).
 CLIPSIM (Wu et al. 2021, GODIVA): the cosine similarity between each frame's CLIP image
 embedding and its prompt's text embedding, averaged over frames and videos; OpenCLIP ViT-B-32
@@ -18,10 +21,10 @@ from a local checkpoint (--clip-weights); reported as the raw cosine (papers oft
 --shapes N: the shapes world's evaluation (tools/shapes.py): does a generated video show the
 colour, shape and motion its caption asks for? With --i3d, also the FVD of those videos.
 
-    python tools/evaluate.py --shapes 200       # 25 DDIM steps a stage
+    python tools/evaluate.py --shapes 200       # the run's DDIM steps and guidance
     python tools/evaluate.py --shapes 200 --i3d i3d_torchscript.pt
-    python tools/evaluate.py --run runs/paper --data UCF-101/ --i3d i3d_torchscript.pt \\
-        --save-features ucf101.npz              # prompts: the real videos' captions (class names)
+    python tools/evaluate.py --run runs/ucf --data UCF-101/ --i3d i3d_torchscript.pt \\
+        --save-features ucf101.npz              # class-conditional: the 101 classes, uniformly
     python tools/evaluate.py --run runs/paper --data webvid/results_10M_val.csv --split all \\
         --i3d i3d_torchscript.pt
     python tools/evaluate.py --run runs/paper --prompts msrvtt-test-captions.txt --num-videos 2990 \\
@@ -29,7 +32,8 @@ colour, shape and motion its caption asks for? With --i3d, also the FVD of those
     python tools/evaluate.py --videos generated/ --real-features ucf101.npz --i3d i3d_torchscript.pt
 
 The last line of stdout is a JSON line: {"fvd": ..., "clipsim": ..., "n": ..., "protocol": {...}}.
-DDIM steps: 50 as the paper samples (App. B.4), 25 with --shapes.
+DDIM steps and guidance: the run's (the paper preset's 50 + 50, as the paper samples, App. B.4),
+or --steps, --content-steps, --motion-steps, --cfg-content, --cfg-motion.
 """
 import argparse
 import hashlib
@@ -47,6 +51,7 @@ from tqdm import tqdm
 
 # The stage files (data.py, sample.py) live one folder up: make them importable from anywhere.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import content  # noqa: E402
 import data  # noqa: E402
 import sample  # noqa: E402
 from tools.shapes import evaluate_motion_transfer, evaluate_shapes  # noqa: E402
@@ -63,8 +68,18 @@ class InputError(Exception):
 
 # ----------------------------------------------------------------------------- the Fréchet distance
 
-def frechet_distance(features_a, features_b):
-    """Fréchet distance between Gaussians fitted to two feature sets (N, d), in float64:
+def statistics(features, convention="stylegan-v"):
+    """(mean, covariance) of features (N, d) in float64. StyleGAN-V's FeatureStats keeps the biased
+    covariance, sum of x x^T / N - mean mean^T; PVDM's code (and the TF original) the unbiased one."""
+    x = np.asarray(features, np.float64)
+    mean = x.mean(0)
+    if convention == "stylegan-v":
+        return mean, x.T @ x / len(x) - np.outer(mean, mean)
+    return mean, np.cov(x, rowvar=False)
+
+
+def frechet_distance(features_a, features_b, convention="stylegan-v"):
+    """Fréchet distance between Gaussians fitted to two feature sets (N, d) (statistics above):
 
         d^2 = |mu_a - mu_b|^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^{1/2})
 
@@ -72,12 +87,10 @@ def frechet_distance(features_a, features_b):
     S_a S_b has the eigenvalues of the symmetric S_a^{1/2} S_b S_a^{1/2}, so the trace of its
     square root is the sum of their square roots: two symmetric eigendecompositions, stable when
     N < d leaves the covariances singular (no general sqrtm, no complex parts to discard)."""
-    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)  # unbiased, as the TF original
+    (mean_a, cov_a), (mean_b, cov_b) = statistics(features_a, convention), statistics(features_b, convention)
     root_a = symmetric_sqrt(cov_a)
     eigenvalues = np.linalg.eigvalsh(root_a @ cov_b @ root_a).clip(min=0)  # >= 0 up to rounding
-    mean_term = ((a.mean(0) - b.mean(0)) ** 2).sum()
-    distance = mean_term + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(eigenvalues).sum()
+    distance = ((mean_a - mean_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(eigenvalues).sum()
     return float(max(distance, 0.0))  # rounding leaves ~ -1e-12 for identical statistics
 
 
@@ -100,20 +113,24 @@ def resize_and_crop(frames, size, mode):
     return frames[..., top:top + size, left:left + size]
 
 
-def i3d_input(video):
-    """uint8 (L, H, W, 3) -> float (3, 16, 224, 224) in [-1, 1]: the I3D's first 16 frames."""
-    frames = torch.from_numpy(np.ascontiguousarray(video[:FRAMES])).permute(0, 3, 1, 2).float()
-    frames = resize_and_crop(frames, I3D_SIZE, "bilinear")
-    return (frames / 127.5 - 1).transpose(0, 1)  # (3, T, H, W), the I3D's layout
+def i3d_input(video, convention="stylegan-v"):
+    """uint8 (L, H, W, 3) -> the I3D's input (3, 16, H', W'), its first 16 frames: uint8 as they are
+    (stylegan-v), or float in [-1, 1], shorter side resized to 224 and centre-cropped (pvdm)."""
+    frames = torch.from_numpy(np.ascontiguousarray(video[:FRAMES])).permute(3, 0, 1, 2)  # (3, T, H, W)
+    if convention == "stylegan-v":
+        return frames
+    frames = resize_and_crop(frames.transpose(0, 1).float(), I3D_SIZE, "bilinear")
+    return (frames / 127.5 - 1).transpose(0, 1)
 
 
 @torch.no_grad()
-def i3d_features(detector, videos, device):
+def i3d_features(detector, videos, device, convention="stylegan-v"):
     """uint8 videos [(L, H, W, 3)] -> I3D features (B, 400) float64: the logits, before the softmax.
-    rescale=False, resize=False: the input is already [-1, 1] at 224 x 224 (i3d_input)."""
-    batch = torch.stack([i3d_input(v) for v in videos]).to(device)
-    features = detector(batch, rescale=False, resize=False, return_features=True)
-    return features.double().cpu().numpy()
+    StyleGAN-V lets the network rescale [0, 255] to [-1, 1] and resize to 224 x 224 (rescale=True,
+    resize=True); PVDM's convention hands it frames made so already (i3d_input)."""
+    batch = torch.stack([i3d_input(v, convention) for v in videos]).to(device)
+    ours = convention == "stylegan-v"
+    return detector(batch, rescale=ours, resize=ours, return_features=True).double().cpu().numpy()
 
 
 def load_i3d(path, device):
@@ -183,14 +200,14 @@ def load_clip(model_name, weights, device):
 
 # ----------------------------------------------------------------------------- the two sets of videos
 
-def score(batches, n, detector, clip, device, desc):
+def score(batches, n, detector, clip, device, desc, convention="stylegan-v"):
     """Run the networks over batches of (uint8 videos [(L, H, W, 3)], their prompts or None) ->
     (I3D features (n, d) or None, CLIPSIM of each video (n,) or None, the prompts seen)."""
     features, similarities, prompts_seen = [], [], []
     with tqdm(total=n, desc=desc, unit="video") as bar:
         for videos, prompts in batches:
             if detector is not None:
-                features.append(i3d_features(detector, videos, device))
+                features.append(i3d_features(detector, videos, device, convention))
             if clip is not None:
                 similarities.append(clip_similarities(clip, videos, prompts, device))
             prompts_seen += prompts or []
@@ -246,14 +263,22 @@ def check_length(video, name):
     return video
 
 
-def generated_batches(models, prompts, n, batch_size, steps, args, device):
+def sampling_of(args, models):
+    """generate()'s steps and guidance: the command line's, or else the run's (sample.Models)."""
+    content_steps, motion_steps = sample.steps_of(args)
+    return dict(content_steps=content_steps or models.content_steps, motion_steps=motion_steps or models.motion_steps,
+                cfg_content=models.cfg_content if args.cfg_content is None else args.cfg_content,
+                cfg_motion=models.cfg_motion if args.cfg_motion is None else args.cfg_motion)
+
+
+def generated_batches(models, prompts, n, batch_size, sampling, args, device):
     """n videos generated by sample.generate (Algorithm 1), video i from prompts[i % len(prompts)];
     one generator seeded once, so the set depends on --seed and --batch-size only."""
     generator = torch.Generator(device).manual_seed(args.seed)
     for i in range(0, n, batch_size):
         chunk = [prompts[k % len(prompts)] for k in range(i, min(i + batch_size, n))]
         with sample.autocast_for(device, args.dtype):
-            videos, _ = sample.generate(models, chunk, steps, args.cfg_content, args.cfg_motion, generator,
+            videos, _ = sample.generate(models, chunk, **sampling, generator=generator,
                                         progress=False)
         run = args.run or sample.DEFAULT_RUN
         yield [check_length(video, f"a video of {run}") for video in data.video_to_uint8(videos)], chunk
@@ -265,7 +290,7 @@ def save_real(path, features, captions, protocol):
     np.savez(path, features=features, captions=np.array(captions), protocol=json.dumps(protocol))
 
 
-def load_real(path, n, size):
+def load_real(path, n, size, convention):
     """(features, captions) cached by --save-features, checked to match this evaluation."""
     try:
         with np.load(path) as cached:
@@ -273,9 +298,9 @@ def load_real(path, n, size):
             protocol = json.loads(str(cached["protocol"]))
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"--real-features {path}: not features saved by --save-features ({e})") from e
-    if len(features) != n or tuple(protocol["size"]) != tuple(size):
-        raise InputError(f"--real-features {path} holds {len(features)} videos at {protocol['size']}, this "
-                         f"evaluation wants {n} at {list(size)}")
+    if len(features) != n or tuple(protocol["size"]) != tuple(size) or protocol["fvd"] != convention:
+        raise InputError(f"--real-features {path} holds {len(features)} videos at {protocol['size']} under --fvd "
+                         f"{protocol['fvd']}, this evaluation wants {n} at {list(size)} under --fvd {convention}")
     return features, captions
 
 
@@ -285,17 +310,21 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     generated = parser.add_argument_group("generated videos: a folder, or a run that generates them")
     generated.add_argument("--videos", metavar="DIR", help="a folder of generated videos, the first N in name order")
-    sample.add_sampling_args(generated, steps=None)
+    sample.add_sampling_args(generated)
     generated.add_argument("--prompts", metavar="FILE",
-                           help="one prompt a line, video i gets line i (cycling); default: the real videos' captions")
+                           help="one prompt a line, video i gets line i (cycling); default: a class-conditional "
+                                "run's classes, uniformly; otherwise the real videos' captions")
     generated.add_argument("--num-videos", type=int, default=2048, metavar="N", help="videos per set (default 2048)")
     generated.add_argument("--batch-size", type=int, default=16, help="videos generated and scored at once")
-    fvd = parser.add_argument_group("FVD: I3D features, 16 frames at 224 x 224 in [-1, 1]")
+    fvd = parser.add_argument_group("FVD: Kinetics-400 I3D features of 16 frames")
     fvd.add_argument("--i3d", metavar="PATH", help="StyleGAN-V's i3d_torchscript.pt (Kinetics-400)")
+    fvd.add_argument("--fvd", choices=("stylegan-v", "pvdm"), default="stylegan-v",
+                     help="stylegan-v: its fvd2048_16f, whole uint8 clips, the network resizes, biased covariance "
+                          "(most papers); pvdm: PVDM's and the CMD release's, 224 centre crop in [-1, 1], unbiased")
     fvd.add_argument("--data", help="the real videos: a dataset spec as the stages' --data")
-    fvd.add_argument("--split", default="val", choices=("val", "all"),
-                     help="val: what training holds out (UCF-101: testlist01); all: the whole listing, for one "
-                          "that is held out already (WebVid's val CSV) (default val)")
+    fvd.add_argument("--split", default="val", choices=("val", "train", "all"),
+                     help="val: what training holds out (UCF-101: testlist01); train: the training videos (PVDM's "
+                          "real set for UCF-101); all: the whole listing, one held out already (WebVid's val CSV)")
     fvd.add_argument("--val-fraction", type=float, default=data.VAL_FRACTION,
                      help=f"held-out share of a listing without an official split, as in training "
                           f"(default {data.VAL_FRACTION})")
@@ -334,8 +363,9 @@ def parse_args(argv):
         parser.error("CLIPSIM on --videos needs their --prompts")
     if args.clip_weights and not (args.videos or args.prompts or args.i3d):
         parser.error("CLIPSIM needs --prompts (or FVD's real set, whose captions become the prompts)")
-    if min(args.num_videos, args.batch_size) < 1 or (args.steps is not None and args.steps < 1):
-        parser.error("--num-videos, --batch-size and --steps want positive numbers")
+    if min(args.num_videos, args.batch_size, *(s for s in (args.steps, args.content_steps, args.motion_steps)
+                                                if s is not None)) < 1:
+        parser.error("--num-videos, --batch-size and the steps want positive numbers")
     return args
 
 
@@ -360,21 +390,20 @@ def run_shapes(args, device):
     against the real videos of the same captions."""
     detector = load_i3d(args.i3d, device) if args.i3d else None
     models = sample.load_run(args.run, device, args.resolution)
-    steps = args.steps or 25  # 25, not 50: the shapes world's videos are simple
-    summary, videos = evaluate_shapes(models, args.shapes, steps, args.cfg_content, args.cfg_motion,
+    summary, videos = evaluate_shapes(models, args.shapes, sampling_of(args, models),
                                       torch.Generator(device).manual_seed(args.seed),
                                       sample.autocast_for(device, args.dtype), device, args.batch_size)
     if detector is not None:
-        features = {name: score(array_batches(v, args.batch_size), len(v), detector, None, device, name)[0]
+        features = {name: score(array_batches(v, args.batch_size), len(v), detector, None, device, name, args.fvd)[0]
                     for name, v in videos.items()}  # generated, real
-        summary["fvd"] = frechet_distance(features["generated"], features["real"])
+        summary.update(fvd=frechet_distance(features["generated"], features["real"], args.fvd), fvd_convention=args.fvd)
     return summary
 
 
 def run_motion_transfer(args, device):
     """The shapes world's motion transfer (tools/shapes.py): real videos' motion, prompted content."""
     models = sample.load_run(args.run, device, args.resolution)
-    return evaluate_motion_transfer(models, args.motion_transfer, args.steps or 25, args.cfg_content,
+    return evaluate_motion_transfer(models, args.motion_transfer, sampling_of(args, models),
                                     torch.Generator(device).manual_seed(args.seed),
                                     sample.autocast_for(device, args.dtype), device, args.batch_size)
 
@@ -399,16 +428,19 @@ def evaluate(args, device):
     protocol = {"frames": FRAMES, "seed": args.seed, "size": list(size)}
     real_features, captions = real_set_features(args, detector, size, protocol, device) if detector else (None, None)
     prompts = sample.read_prompts(args) if args.prompts else captions
+    if not args.prompts and not args.videos and isinstance(models.text_encoder, content.ClassEncoder):
+        prompts = models.text_encoder.config["classes"]  # every class as often, as the release and PVDM sample
+        protocol["prompts"] = f"its {len(prompts)} classes, uniformly"
     if args.videos:
         batches = file_batches(paths, prompts, args.batch_size)
     else:
-        steps = args.steps or 50  # the paper's DDIM steps
-        protocol.update(run=str(args.run or sample.DEFAULT_RUN), steps=steps)
-        batches = generated_batches(models, prompts, n, args.batch_size, steps, args, device)
-    features, similarities, _ = score(batches, n, detector, clip, device, "generated")
+        sampling = sampling_of(args, models)
+        protocol.update(run=str(args.run or sample.DEFAULT_RUN), **sampling)
+        batches = generated_batches(models, prompts, n, args.batch_size, sampling, args, device)
+    features, similarities, _ = score(batches, n, detector, clip, device, "generated", args.fvd)
     result = {"n": n}
     if detector is not None:
-        result["fvd"] = frechet_distance(features, real_features)
+        result["fvd"] = frechet_distance(features, real_features, args.fvd)
     if clip is not None:
         result["clipsim"] = float(similarities.mean())
         protocol.update(clip_model=args.clip_model, clipsim_scale="raw cosine in [-1, 1], not x100")
@@ -420,17 +452,18 @@ def evaluate(args, device):
 def real_set_features(args, detector, size, protocol, device):
     """I3D features (N, d) of the real set and its captions: read from --real-features, or computed
     from --data's held-out split (and then saved to --save-features if asked)."""
-    protocol.update(i3d=Path(args.i3d).name, i3d_sha256=sha256(args.i3d), i3d_size=I3D_SIZE,
+    protocol.update(fvd=args.fvd, i3d=Path(args.i3d).name, i3d_sha256=sha256(args.i3d),
+                    covariance="biased (StyleGAN-V)" if args.fvd == "stylegan-v" else "unbiased (PVDM)",
                     real=args.real_features or f"{args.data} ({args.split})")
     if protocol["i3d_sha256"] != I3D_SHA256:
         print(f"note: {args.i3d} is not the i3d_torchscript.pt other FVD code uses (its sha256 differs): "
               "this FVD compares with no paper's")
     if args.real_features:
-        return load_real(args.real_features, args.num_videos, size)
+        return load_real(args.real_features, args.num_videos, size, args.fvd)
     dataset, indices = real_set(args, size)
     torch.manual_seed(args.seed)  # the real clips' start frames
     features, _, captions = score(real_batches(dataset, indices, args.batch_size), len(indices), detector, None,
-                                  device, "real")
+                                  device, "real", args.fvd)
     if args.save_features:
         save_real(args.save_features, features, captions, {**protocol, "n": len(indices), "data": args.data})
     return features, captions

@@ -1,4 +1,5 @@
-"""The paper path on one GPU, end to end: each stage trains a few steps, then one video is sampled.
+"""The paper path on one GPU, end to end: each stage trains a few steps, then one video is sampled;
+and, with --preset ucf, what the release's UCF-101 experiment costs on this GPU.
 
 It runs the stage scripts' own main() with the README's paper-preset commands, on what a user
 would have, made up here with random weights so that nothing is downloaded:
@@ -12,8 +13,14 @@ classifier-free guidance. The last line is JSON.
 
     python tools/paper_check.py --device cuda                 # 16 x 512 x 1024, DiT-XL/2
     python tools/paper_check.py --toy                         # the same path at toy size, on the CPU
+    python tools/paper_check.py --preset ucf --device cuda    # the ucf stages' largest batch, s/step, days
 
 --toy uses tiny widths (the same classes and block types) and 64x128 videos: what the tests run.
+With --preset ucf, each ucf stage's training step (its own training_step: the AE with the release's
+L1 + LPIPS, AdamW, bf16 autocast) is measured at two batches; their peak memory, a straight line in
+the batch, gives the largest power-of-two batch under the memory cap, which is then timed: seconds
+per step of the release's global batch of 256 (accumulating), and the GPU-days of the release's
+epochs (AE 2,000, content and motion 1,400, of trainlist01's 9,537 videos).
 """
 import argparse
 import csv
@@ -21,8 +28,10 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import lpips
 import numpy as np
 import open_clip
 import torch
@@ -100,6 +109,72 @@ def peak_gb(device):
     return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
 
 
+# The release's UCF-101 training (train_*.py): epochs of trainlist01's videos, at a global batch of 256.
+UCF_EPOCHS, UCF_VIDEOS, UCF_BATCH = {"ae": 2000, "content": 1400, "motion": 1400}, 9537, 256
+A100_OVER_THIS = {"NVIDIA H200": 312 / 989, "NVIDIA H100 80GB HBM3": 312 / 989}  # dense bf16 peaks, TFLOP/s
+
+
+def ucf_training_steps(device, toy):
+    """{stage: batch -> (model, loss())}: each ucf stage's own training_step, at 64x64 (toy: 16x16, LPIPS's
+    least, the tiny UNet and DiT); the AE's loss with LPIPS on a random VGG16 (its cost matters here)."""
+    frames = replace(ae.PRESETS["ucf"], height=16, width=16) if toy else ae.PRESETS["ucf"]
+    perceptual = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).to(device).eval().requires_grad_(False)
+    dit = motion.config_for("ucf", "tiny" if toy else None, frames, (102, 102))  # UCF-101's 101 classes + null
+
+    def content_step(batch):
+        unet = content.scratch_unet("tiny" if toy else "ucf", 102, (frames.height, frames.width)).to(device)
+        return unet, content.training_step(unet, (3, frames.height, frames.width), (1, 102), device, batch)
+    return {"ae": lambda batch: ae.training_step(frames, device, batch, ae.release_pixel_loss(perceptual)),
+            "content": content_step,
+            "motion": lambda batch: motion.training_step(dit, device, text_len=1, batch_size=batch)}
+
+
+def time_step(make, batch, device, runs=3):
+    """(seconds, peak GB) of one optimizer step at this batch: bf16 autocast, backward, AdamW (fused on
+    CUDA); the median of `runs` after a warm-up."""
+    model, loss = make(batch)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    seconds = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(runs + 1):
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            value = loss()
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return float(np.median(seconds[1:])), peak_gb(device)
+
+
+def ucf_check(device, memory_gb, toy):
+    """Per ucf stage: the largest power-of-two batch under memory_gb (peak memory is a straight line in the
+    batch: measured at 4 and 8), its seconds per step of 256, and the release's epochs in GPU-days."""
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    for stage, make in ucf_training_steps(device, toy).items():
+        if device.type == "cuda":
+            (_, small), (_, large) = time_step(make, 4, device, runs=1), time_step(make, 8, device, runs=1)
+            per_video = (large - small) / 4
+            batch = max(b for b in (2 ** k for k in range(9)) if small + per_video * (b - 4) < 0.9 * memory_gb)
+        else:
+            batch = 1
+        seconds, peak = time_step(make, batch, device, runs=3 if device.type == "cuda" else 1)
+        per_step = seconds * UCF_BATCH / batch
+        days = UCF_EPOCHS[stage] * UCF_VIDEOS / UCF_BATCH * per_step / 86400
+        result[stage] = {"batch": batch, "grad_accum": UCF_BATCH // batch, "seconds_per_micro_batch": seconds,
+                         "peak_gb": peak, "seconds_per_step_of_256": per_step, "days_here": days,
+                         "a100_days_estimate": days / A100_OVER_THIS[result["device"]]
+                         if result["device"] in A100_OVER_THIS else None}
+        print(f"{stage}: batch {batch} x {UCF_BATCH // batch} accumulated, {per_step:.2f} s a step of 256, "
+              f"peak {peak} GB; {UCF_EPOCHS[stage]} epochs: {days:.1f} days here")
+    print(json.dumps(result))
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -107,12 +182,15 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=4, help="training steps per stage (the first one warms up)")
     parser.add_argument("--memory-gb", type=float, default=80, help="cap GPU memory at this much (an A100's 80)")
     parser.add_argument("--work", default=None, help="folder for the random checkpoints and clips (default: a temp)")
+    parser.add_argument("--preset", default="paper", choices=("paper", "ucf"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gb * 1e9 / total), device)
+    if args.preset == "ucf":
+        return ucf_check(device, args.memory_gb, args.toy)
     work = Path(args.work or tempfile.mkdtemp(prefix="cmd-paper-check-"))
     resolution = (64, 128) if args.toy else (512, 1024)
     start = time.perf_counter()

@@ -1,10 +1,12 @@
-"""The shapes evaluation: does a generated video show the colour, shape and motion its prompt asks for?
+"""The shapes evaluation: does a generated video show the colour, shape, motion and background its
+prompt asks for, and is it as clean as the AE's reconstructions?
 
-`evaluate_shapes` generates videos from captions of known (colour, shape, motion) through
-sample.generate, and reads those attributes back with the analytic detector `detect` below.
-The detector's own error rate is measured on real videos of the shapes world (exact), and the
-AE's on AE reconstructions of them (the best the generator could do). The command line is
-`python tools/evaluate.py --shapes N`.
+`evaluate_shapes` generates videos from captions of known attributes through sample.generate, and
+reads them back with the analytic detector `detect` below; its content frames alone are read as
+still images (`detect_still`). The detector's own error rate is measured on real videos of the
+shapes world (exact), and the AE's on AE reconstructions of them (the best the generator could do).
+Two measures of how a frame looks, on the uint8 frames: background speckle (`speckle`) and ghosts
+(`ghost_share`). The command line is `python tools/evaluate.py --shapes N`.
 """
 import itertools
 import random
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the stage files live one folder up
@@ -21,9 +24,9 @@ from data import (BACKGROUNDS, COLORS, HELDOUT_COMBOS, MOTIONS, SHAPES, ShapesDa
 from sample import generate  # noqa: E402
 
 # ----------------------------------------------------------------------------- the detector
-# Reads (colour, shape, motion) back from a one-shape video of the shapes world (data.py).
-# Measured on real videos it is exact (test_cmd.py), so accuracy on generated
-# videos measures the model, not the detector.
+# Reads (colour, shape, motion, background) back from a one-shape video of the shapes world (data.py).
+# Measured on real videos it is exact (test_cmd.py), so accuracy on generated videos measures the
+# model, not the detector.
 
 PALETTE = np.array(list(COLORS.values()), np.float64)  # (K, 3)
 HARMONIC = {"triangle": (3, 0.53), "square": (4, 0.27)}  # (n, a drawn shape's n-fold symmetry, below)
@@ -35,14 +38,24 @@ def neighbours(mask):
     return np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(1, 2)).sum((-2, -1))
 
 
+def background_rows(video):
+    """uint8 (L, H, W, 3) -> the background, one colour per row (H, 3) (a gradient runs top to bottom):
+    the median of the two leftmost and rightmost columns over all frames, which the shapes world keeps free."""
+    width = video.shape[2]
+    return np.median(video[:, :, [0, 1, width - 2, width - 1]].astype(np.float64), axis=(0, 2))
+
+
+def background_name(rows):
+    """Rows (H, 3) -> the nearest of the shapes world's backgrounds, "dark", "light" or "gradient"."""
+    drawn = {name: render_shapes({"background": name, "shapes": []}, len(rows), 1)[0, :, 0] for name in BACKGROUNDS}
+    return min(drawn, key=lambda name: ((rows - drawn[name]) ** 2).mean())
+
+
 def colour_and_coverage(video):
     """uint8 (L, H, W, 3) -> (the drawn colour's name, its coverage alpha (L, H, W) in [0, 1]);
     ("none", zeros) if nothing is drawn."""
     v = video.astype(np.float64)
-    width = v.shape[2]
-    # Background, one colour per row (the gradient runs top to bottom): the median of the two
-    # leftmost and rightmost columns over all frames, which the shapes world keeps free.
-    background = np.median(v[:, :, [0, 1, width - 2, width - 1]], axis=(0, 2))  # (H, 3)
+    background = background_rows(video)  # (H, 3)
     diff = v - background[:, None]  # (L, H, W, 3)
     foreground = np.linalg.norm(diff, axis=-1) > 40  # colours are >= 150 away from any background
     if not foreground.any():
@@ -98,9 +111,42 @@ def shape_and_motion(alpha):
 
 
 def detect(video):
-    """uint8 (L, H, W, 3) of one shape -> (colour, shape, motion) names, "none" for what is not there."""
+    """uint8 (L, H, W, 3) of one shape -> (colour, shape, motion, background) names, "none" for what is
+    not there."""
     colour, alpha = colour_and_coverage(video)
-    return (colour, *shape_and_motion(alpha))
+    return (colour, *shape_and_motion(alpha), background_name(background_rows(video)))
+
+
+def detect_still(image):
+    """uint8 (H, W, 3), a content frame, read as a still video -> (colour, shape, "none", background)."""
+    colour, shape, _, background = detect(np.stack([image, image]))
+    return colour, shape, "none", background
+
+
+# ----------------------------------------------------------------------------- how clean a frame is
+
+def speckle(video):
+    """Background speckle, in 0-255 units: the mean absolute deviation of the background's pixels, away
+    from the shape, from their row's median in that frame (a flat or a gradient background is constant
+    along a row). NaN where nothing reads as background."""
+    v = video.astype(np.float64)
+    _, alpha = colour_and_coverage(video)
+    away = ~ndimage.binary_dilation(alpha > 0, np.ones((1, 3, 3)), iterations=2)  # 2 pixels off the shape
+    deviations = []
+    for frame, keep in zip(v, away):
+        for row, kept in zip(frame, keep):
+            if kept.any():
+                deviations.append(np.abs(row[kept] - np.median(row[kept], axis=0)).mean())
+    return float(np.mean(deviations)) if deviations else float("nan")
+
+
+def ghost_share(video, colour):
+    """The share of frames in which `colour` forms more than one blob (8-connected pixels mostly of that
+    colour, two or more of them): a shape split in two, or a ghost left where it was."""
+    towards = np.array(COLORS[colour], np.float64) - background_rows(video)  # (H, 3)
+    alpha = ((video - background_rows(video)[:, None]) * towards[:, None]).sum(-1) / (towards ** 2).sum(-1)[:, None]
+    blobs = [ndimage.label(frame > 0.5, structure=np.ones((3, 3)))[0] for frame in alpha]
+    return float(np.mean([(np.bincount(labels.ravel())[1:] >= 2).sum() > 1 for labels in blobs]))
 
 
 
@@ -128,59 +174,77 @@ def real_attributes(specs, seed=1):
             for color, shape, motion, background in specs]
 
 
+ATTRIBUTES = ("color", "shape", "motion", "background")
+
+
 def accuracy(predictions, truth):
-    """-> [colour, shape, motion] accuracy."""
-    return [float(np.mean([p[k] == t[k] for p, t in zip(predictions, truth)])) for k in range(3)]
+    """-> the accuracy of each of ATTRIBUTES."""
+    return [float(np.mean([p[k] == t[k] for p, t in zip(predictions, truth)])) for k in range(len(ATTRIBUTES))]
 
 
 @torch.no_grad()
-def evaluate_shapes(models, n, steps, cfg_content, cfg_motion, generator, autocast, device, batch_size=16):
-    """Generate n shapes videos from captions (sample.generate) and detect their attributes; the same
-    for real videos of the same attributes and for their AE reconstructions (the best the generator
-    could do), and for the motion stage alone: the DiT's motion latent for the real video's content
-    frame. (A generated content frame cannot be scored alone this way: a real video's motion latent
-    moves the shape from where that video had it, not from where the UNet drew it.) Prints a table;
-    returns (summary dict, {"generated": videos, "real": videos}), the videos np.uint8 (n, L, H, W, 3)."""
-    cfg_content = models.cfg_content if cfg_content is None else cfg_content
-    cfg_motion = models.cfg_motion if cfg_motion is None else cfg_motion
+def evaluate_shapes(models, n, sampling, generator, autocast, device, batch_size=16):
+    """Generate n shapes videos from captions (sample.generate) and detect their attributes; read their
+    content frames alone as still images (the content stage alone: colour, shape and background); detect
+    the same for real videos of the same attributes and for their AE reconstructions (the best the
+    generator could do), and for the motion stage alone: the DiT's motion latent for the real video's
+    content frame. Measure speckle and ghosts. `sampling`: generate()'s steps and guidance. Prints the
+    tables; returns (summary dict, {"generated": videos, "real": videos}), videos np.uint8 (n, L, H, W, 3)."""
     specs = eval_specs(n)
     attributes = real_attributes(specs)
     prompts = [caption_for(a) for a in attributes]
     ae, frame_space = models.ae, models.frame_space
     size = ae.config.video_size[0]  # pixels: the shapes world is square
     videos = {"generated": [], "motion": [], "ae": [], "real": []}
+    content_frames = []
     # the motion stage alone draws its noise from a generator of its own: "generated" stays as it was
     motion_generator = torch.Generator(generator.device).manual_seed(generator.initial_seed() + 1)
     for i in tqdm(range(0, n, batch_size), desc=f"eval ({batch_size} videos a batch)"):
         real = np.stack([render_shapes(x, size, ae.config.frames) for x in attributes[i:i + batch_size]])
-        batch = prompts[i:i + batch_size], steps, cfg_content, cfg_motion
+        batch = prompts[i:i + batch_size]
         with autocast:
-            made = {"generated": generate(models, *batch, generator, progress=False)[0]}
+            generated, content_images = generate(models, batch, **sampling, generator=generator, progress=False)
             content_frame, motion_latent = ae.encode(frame_space.encode(uint8_to_video(real).to(device)))
-            made["motion"] = generate(models, *batch, motion_generator, progress=False, content_frame=content_frame)[0]
-            made["ae"] = frame_space.decode(ae.decode(content_frame, motion_latent))
+            made = {"generated": generated,
+                    "motion": generate(models, batch, **sampling, generator=motion_generator, progress=False,
+                                       content_frame=content_frame)[0],
+                    "ae": frame_space.decode(ae.decode(content_frame, motion_latent))}
         for name, video in made.items():
             videos[name].append(video_to_uint8(video))
         videos["real"].append(real)
+        content_frames.append(video_to_uint8(content_images))
     videos = {k: np.concatenate(v) for k, v in videos.items()}
     found = {name: [detect(video) for video in batch] for name, batch in videos.items()}
+    found["content"] = [detect_still(image) for image in np.concatenate(content_frames)]
     held_out = [i for i, s in enumerate(specs) if s[:3] in HELDOUT_COMBOS]
     rows = [("generated", "", found["generated"], specs),
             ("generated, held-out combos", "heldout_", [found["generated"][i] for i in held_out],
              [specs[i] for i in held_out]),
+            ("content stage alone: its content frame as a still image", "content_", found["content"], specs),
             ("motion stage alone: its motion for the real content frame", "motion_", found["motion"], specs),
             ("AE reconstructions", "ae_", found["ae"], specs), ("real videos", "real_", found["real"], specs)]
-    summary = {"n": n, "heldout_n": len(held_out), "steps": steps, "cfg_content": cfg_content, "cfg_motion": cfg_motion}
-    print("| videos | n | color | shape | motion |\n|---|---|---|---|---|")
+    summary = {"n": n, "heldout_n": len(held_out), **sampling}
+    print("| videos | n | colour | shape | motion | background |\n|---|---|---|---|---|---|")
     for name, prefix, predictions, truth in rows:
-        scores = accuracy(predictions, truth)
-        print(f"| {name} | {len(truth)} | " + " | ".join(f"{x:.3f}" for x in scores) + " |")
-        summary.update({f"{prefix}{k}_acc": x for k, x in zip(("color", "shape", "motion"), scores)})
+        scores = dict(zip(ATTRIBUTES, accuracy(predictions, truth)))
+        if prefix == "content_":
+            del scores["motion"]  # a still image has none
+        print(f"| {name} | {len(truth)} | " + " | ".join(f"{scores[k]:.3f}" if k in scores else "-"
+                                                         for k in ATTRIBUTES) + " |")
+        summary.update({f"{prefix}{k}_acc": x for k, x in scores.items()})
+    print("\n| videos | background speckle (0-255) | frames with ghosts |\n|---|---|---|")
+    for name, key, prefix in (("generated", "generated", ""), ("AE reconstructions", "ae", "ae_"),
+                              ("real videos", "real", "real_")):
+        speckles = [s for s in map(speckle, videos[key]) if not np.isnan(s)]  # the videos with a background
+        summary[f"{prefix}speckle"] = float(np.mean(speckles)) if speckles else None
+        summary[f"{prefix}ghosts"] = float(np.mean([ghost_share(v, spec[0]) for v, spec in zip(videos[key], specs)]))
+        shown = "-" if summary[f"{prefix}speckle"] is None else f"{summary[f'{prefix}speckle']:.2f}"
+        print(f"| {name} | {shown} | {summary[f'{prefix}ghosts']:.3f} |")
     return summary, {"generated": videos["generated"], "real": videos["real"]}
 
 
 @torch.no_grad()
-def evaluate_motion_transfer(models, n, steps, cfg_content, generator, autocast, device, batch_size=16):
+def evaluate_motion_transfer(models, n, sampling, generator, autocast, device, batch_size=16):
     """Motion transfer on the shapes world: the motion latent of a real video (the AE's encoder) with a
     content frame generated for a prompt of the same motion but another colour and shape. Prints a
     table; returns its numbers: a transfer that works shows the prompt's colour and shape and the
@@ -200,10 +264,10 @@ def evaluate_motion_transfer(models, n, steps, cfg_content, generator, autocast,
                          for x in attributes[i:i + batch_size]])
         with autocast:
             motion_latent = ae.encode(frame_space.encode(uint8_to_video(real).to(device)))[1]
-            generated, _ = generate(models, prompts[i:i + batch_size], steps, cfg_content, None, generator,
+            generated, _ = generate(models, prompts[i:i + batch_size], **sampling, generator=generator,
                                     progress=False, motion_latent=motion_latent)
         found += [detect(video) for video in video_to_uint8(generated)]
-    summary = {"n": n, "steps": steps,
+    summary = {"n": n, **sampling,
                "color_is_prompts": accuracy(found, targets)[0], "color_is_sources": accuracy(found, sources)[0],
                "shape_is_prompts": accuracy(found, targets)[1], "shape_is_sources": accuracy(found, sources)[1],
                "motion_is_sources": accuracy(found, sources)[2]}
