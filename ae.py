@@ -278,10 +278,10 @@ def training_loss(model, frames, middle_frame_weight=0.0, pixel_loss=None):
 
 class FrameSpace:
     """Where the AE works: pixels, or per-frame Stable Diffusion VAE latents (frozen VAE). The VAE takes
-    `frames_at_once` frames a batch: more makes fewer, larger kernels, and a higher peak of memory at
-    512x1024 (tools/bench.py measures both)."""
+    `frames_at_once` frames a batch: one at a time bounds the memory at 512x1024; more are faster by
+    fewer than they cost in memory (tools/bench.py measures both; docs/results.md)."""
 
-    def __init__(self, sd="", device="cpu", frames_at_once=4):
+    def __init__(self, sd="", device="cpu", frames_at_once=1):
         self.vae, self.frames_at_once = None, frames_at_once
         if sd:
             from diffusers import AutoencoderKL
@@ -331,8 +331,9 @@ DEFAULTS = {
     # of WebVid-10M).
     "paper": dict(steps=100_000, lr=1e-5, betas=(0.5, 0.9), grad_clip=0.0, ema_decay=0.0),
     # The release's UCF-101 AE, the same optimiser and its pixel loss (release_pixel_loss), for its 2,000
-    # epochs of trainlist01's 9,537 videos at 256: 75k steps.
-    "ucf": dict(steps=75_000, batch_size=16, grad_accum=16, lr=1e-5, betas=(0.5, 0.9), grad_clip=0.0, ema_decay=0.0,
+    # epochs of trainlist01's 9,537 videos at 256: 75k steps. 8 a GPU is the most that fits 80 GB
+    # (tools/paper_check.py --preset ucf).
+    "ucf": dict(steps=75_000, batch_size=8, grad_accum=32, lr=1e-5, betas=(0.5, 0.9), grad_clip=0.0, ema_decay=0.0,
                 loss="l1-lpips"),
 }
 

@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from ae import PRESETS as AE_PRESETS
 from ae import SD_MODEL, check_sd_folder, config_at, load_ae
-from data import (CAPTION_WORDS, WORDS, add_training_args, class_caption, fail, first_items, held_out_loss,
+from data import (WORDS, add_training_args, class_caption, fail, first_items, held_out_loss,
                   load_stage, local_or_name, parse_stage_args, print_costs, save_safetensors_atomic,
                   setup_distributed, train, train_and_val_videos, video_to_uint8, write_image, write_json_atomic)
 
@@ -64,7 +64,8 @@ from data import (CAPTION_WORDS, WORDS, add_training_args, class_caption, fail, 
 
 class Diffusion:
     def __init__(self, prediction_type="epsilon", num_train_timesteps=1000,
-                 beta_start=0.00085, beta_end=0.012, steps_offset=1, rescale_betas_zero_snr=False):
+                 beta_start=0.00085, beta_end=0.012, steps_offset=1, rescale_betas_zero_snr=False,
+                 set_alpha_to_one=False):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError("prediction_type must be 'epsilon' or 'v_prediction', "
                              f"got {prediction_type!r}")
@@ -89,6 +90,10 @@ class Diffusion:
             root = (root - root[-1]) * root[0] / (root[0] - root[-1])
             alphas_cumprod = root ** 2
         self.alphas_cumprod = alphas_cumprod.float()
+        # alpha of the last DDIM step's target. SD's scheduler stops at alpha_0 (set_alpha_to_one=False),
+        # which leaves sqrt(1 - alpha_0) = 3% of the predicted noise in the sample: invisible in SD's
+        # latents, speckle on pixels. Models from scratch step to alpha = 1, the predicted x_0 itself.
+        self.final_alpha = 1.0 if set_alpha_to_one else self.alphas_cumprod[0].item()
         self._alphas_cumprod_on = {}  # device -> a copy there, made once, not at every DDIM step
 
     def _at(self, t, x):
@@ -151,10 +156,9 @@ class Diffusion:
         """One DDIM update x_t -> x_{t-1} (DDIM eq. 12); noise ~ N(0, I) is needed when eta > 0."""
         # 1. previous timestep: one stride of the `steps`-step schedule back
         prev_t = t - self.num_train_timesteps // steps
-        # 2. alpha_t and alpha_{t-1}; the last step goes to alphas_cumprod[0], not to 1
-        #    (SD's "set_alpha_to_one=False")
+        # 2. alpha_t and alpha_{t-1}; the last step goes to final_alpha
         a_t = self.alphas_cumprod[t].item()
-        a_prev = self.alphas_cumprod[max(prev_t, 0)].item()
+        a_prev = self.alphas_cumprod[prev_t].item() if prev_t >= 0 else self.final_alpha
         # 3. predicted x_0 ("predicted x_0" term of eq. 12) and eps; SD samples without clipping x_0
         x0, eps = self.predict_x0_eps(model_output.float(), x_t, t)
         # 4. sigma_t (eq. 16) = eta sqrt((1-alpha_{t-1})/(1-alpha_t)) sqrt(1-alpha_t/alpha_{t-1})
@@ -356,53 +360,34 @@ class TextEncoder(nn.Module):
         return tokens, pooled
 
 
-class WordEncoder(nn.Module):
-    """The tiny preset's text encoder, fixed and plain to read: each word of a prompt one-hot over the
-    shapes world's words (data.WORDS): tokens (B, S, V), S the words of the longest caption, zero after
-    the last word; pooled (B, V), the mean of the prompt's words. "" is all zeros: the null prompt of
-    classifier-free guidance. Each word reaches the models as an input of its own, where a random text
-    tower (TextEncoder) makes them learn apart words whose features it mixes."""
+class BagOfWords(nn.Module):
+    """A fixed encoding of the prompt a reader can check, for models trained from scratch: a vector over
+    a vocabulary, 1 for each entry the prompt holds, as tokens (B, 1, V) and as pooled (B, V); "" is all
+    zeros, the null prompt of classifier-free guidance. The first linear layer that reads it adds up a
+    learned vector per entry. The tiny preset's vocabulary is the shapes world's words (data.WORDS): a
+    caption is its words, one shape's attributes without their order. The ucf preset's is its classes
+    (the training videos' captions), and a prompt is one class, named as its folder (ApplyEyeMakeup) or
+    in words (apply eye makeup): a one-hot class, so that layer is a class table, as DiT's LabelEmbedder."""
 
     def __init__(self, config):
         super().__init__()
-        self.config = config  # {"words": [...], "context_length": S}
-        self.index = {word: k for k, word in enumerate(config["words"])}
+        self.config = config  # {"words": [...]} or {"classes": [...]}, sorted
+        self.kind = "classes" if "classes" in config else "words"
+        self.index = {entry: k for k, entry in enumerate(config[self.kind])}
         self.width = self.embed_dim = len(self.index)
         self.register_buffer("one_hot", torch.eye(self.width), persistent=False)
 
     def forward(self, prompts):
-        tokens = torch.zeros(len(prompts), self.config["context_length"], self.width, device=self.one_hot.device)
+        vectors = torch.zeros(len(prompts), self.width, device=self.one_hot.device)
         for row, prompt in enumerate(prompts):
-            words = prompt.lower().replace(",", " ").split()
-            unknown = [word for word in words if word not in self.index]
-            if unknown or len(words) > self.config["context_length"]:
-                raise ValueError(f"the prompt {prompt!r} is not a caption of the shapes world (it has "
-                                 f"{', '.join(unknown) or 'too many words'}): it knows {' '.join(self.index)}")
-            tokens[row, :len(words)] = self.one_hot[[self.index[word] for word in words]]
-        return tokens, tokens.sum(1) / tokens.sum((1, 2)).clamp(min=1)[:, None]
-
-
-class ClassEncoder(nn.Module):
-    """The ucf preset's condition, the video's class, one-hot: prompts -> (tokens (B, 1, K + 1), pooled
-    (B, K + 1)), the same vector twice; "" is the null class, K, that classifier-free guidance contrasts
-    with. A linear layer that reads a one-hot vector is a learned table of class embeddings, as DiT's
-    LabelEmbedder. A prompt names a class as its folder does (ApplyEyeMakeup) or in words (apply eye makeup)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config  # {"classes": [...]}: the class captions of the training videos, sorted
-        self.index = {name: k for k, name in enumerate(config["classes"])}
-        self.width = self.embed_dim = len(self.index) + 1
-        self.register_buffer("one_hot", torch.eye(self.width), persistent=False)
-
-    def forward(self, prompts):
-        rows = [len(self.index) if prompt == "" else self.index.get(class_caption(prompt)) for prompt in prompts]
-        if None in rows:
-            unknown = prompts[rows.index(None)]
-            raise ValueError(f"unknown class {unknown!r}: this run knows {len(self.index)} classes, e.g. "
-                             f"{', '.join(self.config['classes'][:4])}; name one as its folder or in words")
-        one_hot = self.one_hot[rows]
-        return one_hot[:, None], one_hot
+            entries = [class_caption(prompt)] if self.kind == "classes" and prompt else prompt.lower().split()
+            unknown = [entry for entry in entries if entry not in self.index]
+            if unknown:
+                one = {"words": "word", "classes": "class"}[self.kind]
+                raise ValueError(f"unknown {one} {unknown[0]!r} in {prompt!r}: this run knows {len(self.index)} "
+                                 f"{self.kind}: {', '.join(self.config[self.kind][:24])}")
+            vectors[row] = self.one_hot[[self.index[entry] for entry in entries]].sum(0).clamp(max=1)
+        return vectors[:, None], vectors
 
 
 # -----------------------------------------------------------------------------
@@ -420,7 +405,7 @@ def sample_content_frames(unet, diffusion, tokens, null_tokens, shape, steps, cf
 
 @dataclass
 class ContentConfig:
-    text: str = "tiny"  # "tiny", an open_clip model name or model-config .json, or "classes" (ClassEncoder)
+    text: str = "tiny"  # "tiny", an open_clip model name or model-config .json, "words" or "classes" (BagOfWords)
     text_pretrained: str | None = None  # open_clip pretrained tag (needs network)
     sd: str | None = None  # SD folder or hub id; None: a UNet from scratch, of size UNET_SIZES[unet]
     unet: str = "tiny"
@@ -462,9 +447,9 @@ DEFAULTS = {
     # after 500 warm-up steps, AdamW betas (0.9, 0.999), weight decay 1e-2, gradient clip 1, EMA 0.9999.
     # The step count is not given; 50k steps of 256 is ours.
     "paper": dict(steps=50_000, lr=1e-5, warmup=500, weight_decay=1e-2),
-    # The release's (train_content_diffusion.py): AdamW lr 1e-4, no weight decay, EMA 0.9999, and its
-    # 1,400 epochs of trainlist01's 9,537 videos at 256: 52k steps. Gradient clip 1, as its motion model's.
-    "ucf": dict(steps=52_000, batch_size=32, grad_accum=8, lr=1e-4),
+    # The release's (train_content_diffusion.py): AdamW lr 1e-4, no weight decay, no gradient clipping,
+    # EMA 0.9999, and its 1,400 epochs of trainlist01's 9,537 videos at 256: 52k steps. 64 a GPU fits 80 GB.
+    "ucf": dict(steps=52_000, batch_size=64, grad_accum=4, lr=1e-4, grad_clip=0.0),
 }
 
 
@@ -481,7 +466,8 @@ def build_unet(config, frame_shape, text_width):
     """The UNet to train and its noise schedule: Stable Diffusion's, fine-tuned as it is with
     no new parameters (the paper), or one trained from scratch on pixel content frames (tiny, ucf)."""
     if config.sd is None:
-        schedule = {"prediction_type": config.prediction_type, "rescale_betas_zero_snr": config.zero_terminal_snr}
+        schedule = {"prediction_type": config.prediction_type, "rescale_betas_zero_snr": config.zero_terminal_snr,
+                    "set_alpha_to_one": True}
         return scratch_unet(config.unet, text_width, frame_shape[1:], frame_shape[0]), schedule
     unet, schedule = load_sd_unet(config.sd)
     if unet.config.in_channels != frame_shape[0] or unet.config.cross_attention_dim != text_width:
@@ -500,7 +486,8 @@ def main(argv=None):
     add_training_args(parser)
     args = parse_stage_args(parser, "content", DEFAULTS, argv)
     preset = PRESETS[args.preset]
-    config = replace(preset, sd=args.sd or preset.sd, text=args.text or preset.text, unet=args.size or preset.unet)
+    config = replace(preset, sd=args.sd or preset.sd, text=args.text or preset.text, unet=args.size or preset.unet,
+                     snr_gamma=preset.snr_gamma if args.snr_gamma is None else args.snr_gamma or None)
     if args.flops:  # on `meta`, at the AE preset's frame shape for --resolution: no run needed
         try:
             frames = config_at(AE_PRESETS[args.preset], args.resolution)
@@ -571,7 +558,8 @@ def load_sd_unet(path_or_id):
                     num_train_timesteps=config["num_train_timesteps"],
                     beta_start=config["beta_start"], beta_end=config["beta_end"],
                     steps_offset=config.get("steps_offset", 0),
-                    rescale_betas_zero_snr=config.get("rescale_betas_zero_snr", False))
+                    rescale_betas_zero_snr=config.get("rescale_betas_zero_snr", False),
+                    set_alpha_to_one=config.get("set_alpha_to_one", True))  # diffusers' default
     return unet, schedule
 
 
@@ -610,11 +598,9 @@ def text_config(name):
 
 def text_shapes(name):
     """(tokens per prompt, their width, the pooled width) of a text encoder, without building it (--flops);
-    "classes": UCF-101's 101 and the null class."""
-    if name == "classes":
-        return 1, 102, 102
-    if name == "words":
-        return CAPTION_WORDS, len(WORDS), len(WORDS)
+    "classes": UCF-101's 101."""
+    if name in ("words", "classes"):
+        return (1, len(WORDS), len(WORDS)) if name == "words" else (1, 101, 101)
     config = text_config(name)
     return config["text_cfg"]["context_length"], config["text_cfg"]["width"], config["embed_dim"]
 
@@ -656,7 +642,7 @@ def load_text_encoder(run_dir):
     config_path, weights_path = Path(run_dir) / "text_encoder.json", Path(run_dir) / "text_encoder.safetensors"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     if "classes" in config or "words" in config:
-        return ClassEncoder(config) if "classes" in config else WordEncoder(config)
+        return BagOfWords(config)
     if not (config and weights_path.is_file()):
         raise FileNotFoundError(f"{run_dir} has no saved text encoder (text_encoder.json + text_encoder.safetensors)")
     te = TextEncoder(config)
@@ -669,10 +655,8 @@ def text_encoder_for_run(run_dir, config, text_weights=None, classes=None):
     the ucf preset's classes are saved once into the run directory and reloaded from there."""
     if (Path(run_dir) / "text_encoder.json").is_file():
         return load_text_encoder(run_dir)
-    if config.text == "classes":
-        te = ClassEncoder({"classes": classes})
-    elif config.text == "words":
-        te = WordEncoder({"words": WORDS, "context_length": CAPTION_WORDS})
+    if config.text in ("words", "classes"):
+        te = BagOfWords({"words": WORDS} if config.text == "words" else {"classes": classes})
     else:
         te = build_text_encoder(config.text, weights=text_weights,
                                 pretrained=None if text_weights else config.text_pretrained)
@@ -710,9 +694,11 @@ def add_latent_args(parser):
     parser.add_argument("--cache", action=argparse.BooleanOptionalAction,
                         help="encode the dataset with the AE once, keep it as <out>/latents.safetensors (a "
                              "fixed clip per video: for small datasets; WebVid-scale data is encoded on the fly)")
-    parser.add_argument("--text", type=local_or_name, help="open_clip model name or model-config .json of the text "
-                                                           "encoder (default: the preset's)")
+    parser.add_argument("--text", type=local_or_name, help='the text encoder: "words", "tiny", an open_clip model '
+                                                           "name or model-config .json (default: the preset's)")
     parser.add_argument("--text-weights", type=local_or_name, help="local open_clip checkpoint of the text encoder")
+    parser.add_argument("--snr-gamma", type=float, help="Min-SNR-gamma loss weights, 0 for the plain loss "
+                                                        "(default: the preset's)")
 
 
 def latent_stage(args, config):

@@ -272,9 +272,7 @@ def caption_for(attributes):
     return " and ".join(phrase(s) for s in attributes["shapes"]) + f" on a {attributes['background']} background"
 
 
-# The words captions are made of, and the most a caption has (two shapes, each moving somewhere).
-WORDS = sorted({"a", "and", "moving", "on", "background", *COLORS, *SHAPES, *MOTIONS, *BACKGROUNDS})
-CAPTION_WORDS = 14
+WORDS = sorted({"a", "and", "moving", "on", "background", *COLORS, *SHAPES, *MOTIONS, *BACKGROUNDS})  # captions
 
 
 def render_shapes(attributes, size=32, frames=16):
@@ -582,6 +580,8 @@ def add_training_args(parser):
     optim.add_argument("--ema-decay", type=float, default=0.9999, help="weight averaging of the saved model, "
                                                                        "DiT's 0.9999 (0: none)")
     optim.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory")
+    optim.add_argument("--compile", action="store_true", help="torch.compile the model (on a GPU: the first steps "
+                                                              "compile, the rest run faster)")
 
 
 def parse_stage_args(parser, stage, defaults, argv=None):
@@ -672,9 +672,8 @@ def learning_rate(step, args):
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    # DiT-style EMA of the weights; sampling uses the EMA copy.
-    for ema_p, p in zip(ema.parameters(), model.parameters()):
-        ema_p.lerp_(p, 1 - decay)
+    # DiT-style EMA of the weights; sampling uses the EMA copy. One call for all the tensors, not a loop.
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
     for ema_b, b in zip(ema.buffers(), model.buffers()):
         ema_b.copy_(b)
 
@@ -696,7 +695,8 @@ def train(stage, model, loss_fn, dataset, args, config, evaluate=None):
         model.enable_gradient_checkpointing()
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # DiT initialises the EMA as a copy
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
+                            fused=True)  # one kernel for all the weights, not a loop over them (CPU and GPU)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     per_step = args.batch_size * args.grad_accum  # videos one process uses per optimizer step
     steps_per_epoch = len(sampler) // per_step
@@ -711,6 +711,7 @@ def train(stage, model, loss_fn, dataset, args, config, evaluate=None):
         if rank == 0:
             forget_metrics_after(run_dir / "metrics.jsonl", stage, step)
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    forward = torch.compile(ddp_model) if args.compile else ddp_model
     workers = args.num_workers if args.num_workers >= 0 else (8 if device.type == "cuda" else 0)
     metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
     batch = per_step * world
@@ -735,14 +736,14 @@ def train(stage, model, loss_fn, dataset, args, config, evaluate=None):
             with ddp_model.no_sync() if world > 1 and not syncs else contextlib.nullcontext():
                 with autocast:
                     micro_batch = [x.to(device, non_blocking=True) if torch.is_tensor(x) else x for x in micro_batch]
-                    loss = loss_fn(ddp_model, micro_batch) / args.grad_accum
+                    loss = loss_fn(forward, micro_batch) / args.grad_accum
                 loss.backward()
             step_loss += loss.detach()
             if not syncs:
                 continue
             for group in opt.param_groups:
                 group["lr"] = learning_rate(step, args)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"), foreach=True)
             opt.step()
             opt.zero_grad(set_to_none=True)
             # Warm the EMA up: early in a short run a 0.9999 average would still be the random init.

@@ -34,7 +34,7 @@ import ae  # noqa: E402
 import content  # noqa: E402
 import motion  # noqa: E402
 from content import SD21_UNET_CONFIG, Diffusion, unet_model_fn  # noqa: E402
-from data import CAPTION_WORDS, WORDS, count_flops, parse_resolution  # noqa: E402
+from data import WORDS, count_flops, parse_resolution  # noqa: E402
 from motion import MotionDiT, dit_model_fn, example_inputs, shapes_from  # noqa: E402
 from sample import Models, generate  # noqa: E402
 
@@ -262,10 +262,9 @@ def preset_models(preset, device, resolution=None):
     a = ae.config_at(ae.PRESETS[preset], resolution) if resolution else ae.PRESETS[preset]
     c = content.PRESETS[preset]
     with torch.device(device):
-        if c.text == "classes":
-            text_encoder = content.ClassEncoder({"classes": [f"class {k}" for k in range(101)]})
-        elif c.text == "words":
-            text_encoder = content.WordEncoder({"words": WORDS, "context_length": CAPTION_WORDS})
+        if c.text in ("words", "classes"):
+            text_encoder = content.BagOfWords({"words": WORDS} if c.text == "words"
+                                              else {"classes": [f"class {k}" for k in range(101)]})
         else:
             text_encoder = content.TextEncoder(content.text_config(c.text))
         unet = (UNet2DConditionModel(**SD21_UNET_CONFIG) if c.sd else

@@ -12,8 +12,8 @@ TF-Hub I3D, i3d_torchscript.pt, a local file (--i3d), and take its 400 pre-softm
     covariance,
   * 2,048 videos per set (--num-videos), fixed seeds (--seed),
   * the real set: --data's held-out split (data.make_dataset(split="val"), as training holds
-    it out; --split train for PVDM's UCF-101 protocol, --split all for a listing held out
-    already), at the generated videos' size, so that both sets take the same path to the I3D,
+    it out; --split train for the release's and TATS' UCF-101 real set, --split all for a listing
+    held out already, or UCF-101's train+test as StyleGAN-V's), at the generated videos' size, so that both sets take the same path to the I3D,
   * the Fréchet distance of float64 statistics (frechet_distance below).
 CLIPSIM (Wu et al. 2021, GODIVA): the cosine similarity between each frame's CLIP image
 embedding and its prompt's text embedding, averaged over frames and videos; OpenCLIP ViT-B-32
@@ -51,7 +51,6 @@ from tqdm import tqdm
 
 # The stage files (data.py, sample.py) live one folder up: make them importable from anywhere.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import content  # noqa: E402
 import data  # noqa: E402
 import sample  # noqa: E402
 from tools.shapes import evaluate_motion_transfer, evaluate_shapes  # noqa: E402
@@ -323,8 +322,9 @@ def parse_args(argv):
                           "(most papers); pvdm: PVDM's and the CMD release's, 224 centre crop in [-1, 1], unbiased")
     fvd.add_argument("--data", help="the real videos: a dataset spec as the stages' --data")
     fvd.add_argument("--split", default="val", choices=("val", "train", "all"),
-                     help="val: what training holds out (UCF-101: testlist01); train: the training videos (PVDM's "
-                          "real set for UCF-101); all: the whole listing, one held out already (WebVid's val CSV)")
+                     help="val: what training holds out (UCF-101: testlist01); train: the training videos (the "
+                          "release's and TATS' UCF-101 real set); all: the whole listing (UCF-101 train+test as "
+                          "StyleGAN-V's; WebVid's val CSV)")
     fvd.add_argument("--val-fraction", type=float, default=data.VAL_FRACTION,
                      help=f"held-out share of a listing without an official split, as in training "
                           f"(default {data.VAL_FRACTION})")
@@ -389,7 +389,7 @@ def run_shapes(args, device):
     """The shapes evaluation (tools/shapes.py); with --i3d also the FVD of its generated videos
     against the real videos of the same captions."""
     detector = load_i3d(args.i3d, device) if args.i3d else None
-    models = sample.load_run(args.run, device, args.resolution)
+    models = sample.load_run(args.run, device, args.resolution, args.compile)
     summary, videos = evaluate_shapes(models, args.shapes, sampling_of(args, models),
                                       torch.Generator(device).manual_seed(args.seed),
                                       sample.autocast_for(device, args.dtype), device, args.batch_size)
@@ -402,7 +402,7 @@ def run_shapes(args, device):
 
 def run_motion_transfer(args, device):
     """The shapes world's motion transfer (tools/shapes.py): real videos' motion, prompted content."""
-    models = sample.load_run(args.run, device, args.resolution)
+    models = sample.load_run(args.run, device, args.resolution, args.compile)
     return evaluate_motion_transfer(models, args.motion_transfer, sampling_of(args, models),
                                     torch.Generator(device).manual_seed(args.seed),
                                     sample.autocast_for(device, args.dtype), device, args.batch_size)
@@ -423,13 +423,13 @@ def evaluate(args, device):
         paths = video_files(args.videos, n)
         size = tuple(check_length(data.read_video(paths[0]), paths[0]).shape[1:3])
     else:
-        models = sample.load_run(args.run, device, args.resolution)
+        models = sample.load_run(args.run, device, args.resolution, args.compile)
         size = models.ae.config.video_size
     protocol = {"frames": FRAMES, "seed": args.seed, "size": list(size)}
     real_features, captions = real_set_features(args, detector, size, protocol, device) if detector else (None, None)
     prompts = sample.read_prompts(args) if args.prompts else captions
-    if not args.prompts and not args.videos and isinstance(models.text_encoder, content.ClassEncoder):
-        prompts = models.text_encoder.config["classes"]  # every class as often, as the release and PVDM sample
+    if not args.prompts and not args.videos and "classes" in getattr(models.text_encoder, "config", {}):
+        prompts = models.text_encoder.config["classes"]  # every class as often (TATS' random subset: about so)
         protocol["prompts"] = f"its {len(prompts)} classes, uniformly"
     if args.videos:
         batches = file_batches(paths, prompts, args.batch_size)

@@ -119,11 +119,11 @@ def ucf_training_steps(device, toy):
     least, the tiny UNet and DiT); the AE's loss with LPIPS on a random VGG16 (its cost matters here)."""
     frames = replace(ae.PRESETS["ucf"], height=16, width=16) if toy else ae.PRESETS["ucf"]
     perceptual = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).to(device).eval().requires_grad_(False)
-    dit = motion.config_for("ucf", "tiny" if toy else None, frames, (102, 102))  # UCF-101's 101 classes + null
+    dit = motion.config_for("ucf", "tiny" if toy else None, frames, (101, 101))  # UCF-101's 101 classes
 
     def content_step(batch):
-        unet = content.scratch_unet("tiny" if toy else "ucf", 102, (frames.height, frames.width)).to(device)
-        return unet, content.training_step(unet, (3, frames.height, frames.width), (1, 102), device, batch)
+        unet = content.scratch_unet("tiny" if toy else "ucf", 101, (frames.height, frames.width)).to(device)
+        return unet, content.training_step(unet, (3, frames.height, frames.width), (1, 101), device, batch)
     return {"ae": lambda batch: ae.training_step(frames, device, batch, ae.release_pixel_loss(perceptual)),
             "content": content_step,
             "motion": lambda batch: motion.training_step(dit, device, text_len=1, batch_size=batch)}
@@ -162,7 +162,13 @@ def ucf_check(device, memory_gb, toy):
             batch = max(b for b in (2 ** k for k in range(9)) if small + per_video * (b - 4) < 0.9 * memory_gb)
         else:
             batch = 1
-        seconds, peak = time_step(make, batch, device, runs=3 if device.type == "cuda" else 1)
+        while True:
+            try:
+                seconds, peak = time_step(make, batch, device, runs=3 if device.type == "cuda" else 1)
+                break
+            except torch.cuda.OutOfMemoryError:  # the straight line was optimistic: half the batch
+                batch //= 2
+                torch.cuda.empty_cache()
         per_step = seconds * UCF_BATCH / batch
         days = UCF_EPOCHS[stage] * UCF_VIDEOS / UCF_BATCH * per_step / 86400
         result[stage] = {"batch": batch, "grad_accum": UCF_BATCH // batch, "seconds_per_micro_batch": seconds,

@@ -93,14 +93,14 @@ def shape_and_motion(alpha):
         (rotation and scale invariant), median over the frames."""
         return np.median((np.abs((mass * np.exp(1j * n * angle)).sum((1, 2))) / mass.sum((1, 2)).clip(1e-6))[seen])
 
-    # Shape: the symmetry strongest relative to a drawn shape's; a circle if neither reaches 30% of
-    # it (drawn circles score < 0.05; blurred by 3x3, squares keep > 0.34 and circles < 0.2).
+    # Shape: the symmetry strongest relative to a drawn shape's; a circle if neither reaches 30% of it,
+    # between what a drawn circle scores and what a square keeps when blurred (a circle has neither).
     scores = {shape: symmetry(n) / strength for shape, (n, strength) in HARMONIC.items()}
     shape = max(scores, key=scores.get) if max(scores.values()) > 0.3 else "circle"
     # Motion: least-squares slopes of the centroid and of log area over the frames that show the
     # shape, so that no single frame decides. A shape whose centroid travels > 10% of the frame
-    # moves (drawn ones travel 1/3); otherwise its area grows (drawn: x4), shrinks (x1/4) or stays:
-    # rotation.
+    # moves (drawn ones travel a quarter, data.TRAVEL); otherwise its area grows (drawn: x4), shrinks
+    # (x1/4) or stays: rotation.
     track = np.stack([cx, cy, np.log(area)], 1)[seen]  # (frames seen, 3)
     slope_x, slope_y, slope_area = np.polyfit(np.arange(length)[seen], track, 1)[0] * (length - 1)
     if max(abs(slope_x), abs(slope_y)) > 0.1 * width:
