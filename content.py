@@ -405,7 +405,8 @@ def sample_content_frames(unet, diffusion, tokens, null_tokens, shape, steps, cf
 
 @dataclass
 class ContentConfig:
-    text: str = "tiny"  # "tiny", an open_clip model name or model-config .json, "words" or "classes" (BagOfWords)
+    text: str = "words"  # "words" or "classes" (BagOfWords), an open_clip model name or model-config .json, or
+    # "tiny" (a small open_clip text tower with random weights)
     text_pretrained: str | None = None  # open_clip pretrained tag (needs network)
     sd: str | None = None  # SD folder or hub id; None: a UNet from scratch, of size UNET_SIZES[unet]
     unet: str = "tiny"
@@ -415,16 +416,17 @@ class ContentConfig:
     # ... on a schedule rescaled to zero terminal SNR (Diffusion, Lin et al. 2024): x_T is pure noise in
     # training, as where sampling starts; on pixels SD's schedule leaves 7% of x_0 in x_T
     zero_terminal_snr: bool = True
-    # Min-SNR-5 loss weights (Diffusion.loss), for training from scratch on a small budget; the paper
-    # fine-tunes SD with the plain loss. docs/results.md measures what they trade: on the zero-SNR
-    # schedule they leave the noisiest steps, which set a flat background, almost untrained
-    snr_gamma: float | None = 5.0
-    cfg_scale: float = 5.0  # guidance of the tiny preset's samples (README)
+    # Min-SNR-gamma loss weights (Diffusion.loss), for training from scratch on a small budget; the
+    # paper fine-tunes SD with the plain loss. With v on the zero-SNR schedule a step's weight is
+    # min(SNR, gamma) / (SNR + 1): the plain loss (gamma = inf) leaves the noisiest steps, which set the
+    # layout, almost untrained; a small gamma the cleanest, which draw the edges. 20 trains both
+    snr_gamma: float | None = 20.0
+    cfg_scale: float = 3.0  # guidance of the tiny preset's samples
     sample_steps: int = 50  # paper: 50 DDIM steps
 
 
 PRESETS = {
-    "tiny": ContentConfig(),
+    "tiny": ContentConfig(sample_steps=25),  # as good as 50 on the shapes world (docs/results.md)
     # the paper fine-tunes SD 2.1-base (App. B.3) with its text encoder, and guides with w = 7.5 (B.4)
     "paper": ContentConfig(text="ViT-H-14", text_pretrained="laion2b_s32b_b79k", snr_gamma=None, sd=SD_MODEL,
                            cfg_scale=7.5),
@@ -440,9 +442,9 @@ PRESETS = {
 # Training defaults per preset, on top of data.PRESET_DATA; the flags of data.add_training_args override them.
 DEFAULTS = {
     # Sized for the shapes world on a laptop CPU, with the latent cache (docs/results.md has the runs:
-    # batch 16 for more steps learned the shapes better than batch 32). No weight averaging: a run this
-    # short improves faster than an average of its recent weights.
-    "tiny": dict(steps=2200, batch_size=16, lr=1e-3, decay="cosine", betas=(0.9, 0.99), ema_decay=0.0),
+    # batch 16 for more steps learned the shapes better than batch 32, lr 2e-3 better than 1e-3). No
+    # weight averaging: a run this short improves faster than an average of its recent weights.
+    "tiny": dict(steps=2200, batch_size=16, lr=2e-3, decay="cosine", betas=(0.9, 0.99), ema_decay=0.0),
     # Fine-tuning SD 2.x in full, as is common practice (the release has no SD fine-tuning): lr 1e-5
     # after 500 warm-up steps, AdamW betas (0.9, 0.999), weight decay 1e-2, gradient clip 1, EMA 0.9999.
     # The step count is not given; 50k steps of 256 is ours.
@@ -747,11 +749,14 @@ def latent_data(args, ae, frame_space, dataset, val_set, device, val_videos=32):
     ae_weights = Path(args.ae or args.out) / "ae.safetensors"
     source = {"ae_sha256": hashlib.sha256(ae_weights.read_bytes()).hexdigest(), "data": str(args.data),
               "videos": len(dataset), "seed": args.seed}
-    return cache_latents(ae, frame_space, dataset, Path(args.out) / "latents.safetensors", device, source), val_batch
+    # One worker on a CPU draws (or decodes) the next videos while the AE encodes these.
+    workers = args.num_workers if args.num_workers >= 0 else (8 if device.type == "cuda" else 1)
+    return cache_latents(ae, frame_space, dataset, Path(args.out) / "latents.safetensors", device, source,
+                         workers), val_batch
 
 
 @torch.no_grad()
-def cache_latents(ae, frame_space, dataset, path, device, source, batch_size=64):
+def cache_latents(ae, frame_space, dataset, path, device, source, workers=0, batch_size=64):
     """Encode every video of `dataset` once and keep the result on disk: stages 2 and 3 then
     train without running the AE (or the SD VAE) again. `source` (a JSON-able dict) says what
     the cache is made from; a cache made from anything else is encoded again. Under torchrun
@@ -767,7 +772,8 @@ def cache_latents(ae, frame_space, dataset, path, device, source, batch_size=64)
     if rank == 0 and not up_to_date:
         path.parent.mkdir(parents=True, exist_ok=True)
         content, motion, captions = [], [], []
-        for videos, texts in tqdm(DataLoader(dataset, batch_size=batch_size), desc=f"caching {path.name}"):
+        for videos, texts in tqdm(DataLoader(dataset, batch_size=batch_size, num_workers=workers),
+                                  desc=f"caching {path.name}"):
             content_frames, motion_latents = ae.encode(frame_space.encode(videos.to(device)))
             content.append(content_frames.cpu())
             motion.append(motion_latents.cpu())

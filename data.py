@@ -209,7 +209,10 @@ TRAVEL = 1 / 4    # distance a moving shape covers over the clip
 # small enough to pass each other.
 RADII = {1: (0.17, 0.21), 2: (0.10, 0.15)}
 SCALES = {"growing": (0.7, 1.4), "shrinking": (1.4, 0.7)}  # radius multiplier, first -> last frame
-TURN = np.pi / 2  # angle a rotating shape turns over the clip
+# Angle a rotating shape turns over the clip, upright at its middle: the AE pulls the content frame
+# towards the middle frame (ae.middle_frame_loss), so a rotating shape's content frame is the shape as
+# every other motion shows it, and the turn is all in the motion latent.
+TURN = np.pi / 2
 POLYGONS = {"square": (4, 0.8), "triangle": (3, 0.7)}  # (sides, apothem / radius); a circle's radius is 1
 EXTENT = 1.4      # farthest reach of any shape from its centre, in radii (the triangle's corners)
 MARGIN = 0.05     # free space kept between a shape and the frame's edge
@@ -220,7 +223,7 @@ def _trajectory(shape, t):
     """Centre x, y, radius and angle of one shape at clip times t in [0, 1]."""
     dx, dy = DIRECTIONS.get(shape["motion"], (0, 0))
     first, last = SCALES.get(shape["motion"], (1, 1))
-    angle = TURN * t if shape["motion"] == "rotating" else np.zeros_like(t)
+    angle = TURN * (t - 0.5) if shape["motion"] == "rotating" else np.zeros_like(t)
     radius = shape["radius"] * (first + (last - first) * t)
     return shape["x"] + TRAVEL * dx * t, shape["y"] + TRAVEL * dy * t, radius, angle
 
@@ -556,7 +559,8 @@ def add_training_args(parser):
                                          "UCF-101's testlist01)")
     data.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="share of --data held out")
     data.add_argument("--stride", type=int, default=1, help="take every stride-th frame of a file")
-    data.add_argument("--num-workers", type=int, default=-1, help="DataLoader workers (-1: 8 per GPU, 0 on a CPU)")
+    data.add_argument("--num-workers", type=int, default=-1,
+                      help="DataLoader workers (-1: 8 per GPU; on a CPU 0, and 1 to encode the latent cache)")
     run = parser.add_argument_group("run")
     run.add_argument("--out", help="run directory, one for every stage (default: runs/<preset>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
