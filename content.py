@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 from ae import PRESETS as AE_PRESETS
 from ae import SD_MODEL, check_sd_folder, config_at, load_ae
-from data import (WORDS, add_training_args, class_caption, fail, first_items, held_out_loss,
-                  load_stage, local_or_name, parse_stage_args, print_costs, save_safetensors_atomic,
+from data import (WORDS, add_training_args, class_caption, fail, first_items, held_out_loss, load_stage,
+                  loader_workers, local_or_name, parse_stage_args, print_costs, save_safetensors_atomic,
                   setup_distributed, train, train_and_val_videos, video_to_uint8, write_image, write_json_atomic)
 
 # -----------------------------------------------------------------------------
@@ -601,8 +601,10 @@ def text_config(name):
 def text_shapes(name):
     """(tokens per prompt, their width, the pooled width) of a text encoder, without building it (--flops);
     "classes": UCF-101's 101."""
-    if name in ("words", "classes"):
-        return (1, len(WORDS), len(WORDS)) if name == "words" else (1, 101, 101)
+    if name == "words":
+        return 1, len(WORDS), len(WORDS)
+    if name == "classes":
+        return 1, 101, 101
     config = text_config(name)
     return config["text_cfg"]["context_length"], config["text_cfg"]["width"], config["embed_dim"]
 
@@ -652,9 +654,13 @@ def load_text_encoder(run_dir):
     return te
 
 
+# Text encoders that exist only in their run: the random tiny tower, and BagOfWords' words or classes.
+# Training saves them into the run directory once; every later stage and sample.py reloads them there.
+SAVED_IN_RUN = ("tiny", "words", "classes")
+
+
 def text_encoder_for_run(run_dir, config, text_weights=None, classes=None):
-    """The run's text encoder, shared by stages 2 and 3 and sample.py. The tiny one (random, frozen) and
-    the ucf preset's classes are saved once into the run directory and reloaded from there."""
+    """The run's text encoder, shared by stages 2 and 3 and sample.py (SAVED_IN_RUN: saved the first time)."""
     if (Path(run_dir) / "text_encoder.json").is_file():
         return load_text_encoder(run_dir)
     if config.text in ("words", "classes"):
@@ -662,7 +668,7 @@ def text_encoder_for_run(run_dir, config, text_weights=None, classes=None):
     else:
         te = build_text_encoder(config.text, weights=text_weights,
                                 pretrained=None if text_weights else config.text_pretrained)
-    if config.text in ("tiny", "words", "classes"):
+    if config.text in SAVED_IN_RUN:
         save_text_encoder(te, run_dir)
     return te
 
@@ -673,7 +679,7 @@ def load_content(run_dir, device="cpu", text_weights=None):
     config = ContentConfig(**info["config"]["content"])
     unet = UNet2DConditionModel.from_config(info["config"]["unet"])
     unet.load_state_dict(state)
-    if config.text in ("tiny", "words", "classes"):  # saved into the run by training: loading never writes into it
+    if config.text in SAVED_IN_RUN:  # loading never writes into the run
         try:
             te = load_text_encoder(run_dir)
         except FileNotFoundError as e:
@@ -750,9 +756,8 @@ def latent_data(args, ae, frame_space, dataset, val_set, device, val_videos=32):
     source = {"ae_sha256": hashlib.sha256(ae_weights.read_bytes()).hexdigest(), "data": str(args.data),
               "videos": len(dataset), "seed": args.seed}
     # One worker on a CPU draws (or decodes) the next videos while the AE encodes these.
-    workers = args.num_workers if args.num_workers >= 0 else (8 if device.type == "cuda" else 1)
     return cache_latents(ae, frame_space, dataset, Path(args.out) / "latents.safetensors", device, source,
-                         workers), val_batch
+                         loader_workers(args, device, on_cpu=1)), val_batch
 
 
 @torch.no_grad()

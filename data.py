@@ -674,6 +674,11 @@ def learning_rate(step, args):
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def loader_workers(args, device, on_cpu=0):
+    """DataLoader workers: --num-workers, or by default 8 per GPU and `on_cpu` on a CPU."""
+    return args.num_workers if args.num_workers >= 0 else (8 if device.type == "cuda" else on_cpu)
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     # DiT-style EMA of the weights; sampling uses the EMA copy. One call for all the tensors, not a loop.
@@ -716,7 +721,7 @@ def train(stage, model, loss_fn, dataset, args, config, evaluate=None):
             forget_metrics_after(run_dir / "metrics.jsonl", stage, step)
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     forward = torch.compile(ddp_model) if args.compile else ddp_model
-    workers = args.num_workers if args.num_workers >= 0 else (8 if device.type == "cuda" else 0)
+    workers = loader_workers(args, device)
     metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
     batch = per_step * world
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0,

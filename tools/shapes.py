@@ -143,8 +143,9 @@ def speckle(video):
 def ghost_share(video, colour):
     """The share of frames in which `colour` forms more than one blob (8-connected pixels mostly of that
     colour, two or more of them): a shape split in two, or a ghost left where it was."""
-    towards = np.array(COLORS[colour], np.float64) - background_rows(video)  # (H, 3)
-    alpha = ((video - background_rows(video)[:, None]) * towards[:, None]).sum(-1) / (towards ** 2).sum(-1)[:, None]
+    background = background_rows(video)  # (H, 3)
+    towards = np.array(COLORS[colour], np.float64) - background
+    alpha = ((video - background[:, None]) * towards[:, None]).sum(-1) / (towards ** 2).sum(-1)[:, None]
     blobs = [ndimage.label(frame > 0.5, structure=np.ones((3, 3)))[0] for frame in alpha]
     return float(np.mean([(np.bincount(labels.ravel())[1:] >= 2).sum() > 1 for labels in blobs]))
 
