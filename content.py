@@ -29,7 +29,9 @@ import json
 import math
 import os
 import pickle
+import re
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -46,9 +48,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ae import PRESETS as AE_PRESETS
-from ae import SD_MODEL, check_sd_folder, config_at, load_ae
-from data import (WORDS, add_training_args, class_caption, fail, first_items, held_out_loss, load_stage,
-                  loader_workers, local_or_name, parse_stage_args, print_costs, save_safetensors_atomic,
+from ae import SD_MODEL, AEConfig, check_sd_folder, config_at, load_ae
+from data import (WORDS, add_training_args, class_caption, fail, first_items, held_out_loss, listing_captions,
+                  load_stage, loader_workers, local_or_name, parse_stage_args, print_costs, save_safetensors_atomic,
                   setup_distributed, train, train_and_val_videos, video_to_uint8, write_image, write_json_atomic)
 
 # -----------------------------------------------------------------------------
@@ -360,34 +362,70 @@ class TextEncoder(nn.Module):
         return tokens, pooled
 
 
+def caption_words(text):
+    """'TV color bars, "broadcast" test; static' -> ['tv', 'color', 'bars', 'broadcast', 'test', 'static']: the
+    words of a caption or prompt, lower-cased, the punctuation between them split off and dropped. One rule
+    for the training captions and for the prompts at sampling."""
+    return re.findall(r"\w+", text.lower())
+
+
+MAX_WORDS = 1000  # the bag of words' widest vocabulary: its first layer reads one input per word
+
+
+def word_vocabulary(captions, limit=MAX_WORDS):
+    """The vocabulary of a BagOfWords: the words of the captions, the `limit` most frequent of them,
+    sorted -> (vocabulary, how many rarer words were dropped)."""
+    counts = Counter(word for caption in captions for word in caption_words(caption))
+    if not counts:
+        raise ValueError("the captions hold no words, and the bag of words reads words: caption the videos, "
+                         "or train another text encoder (--text tiny)")
+    kept = sorted(counts, key=lambda word: (-counts[word], word))[:limit]  # ties: alphabetical, so runs agree
+    return sorted(kept), len(counts) - len(kept)
+
+
 class BagOfWords(nn.Module):
     """A fixed encoding of the prompt a reader can check, for models trained from scratch: a vector over
     a vocabulary, 1 for each entry the prompt holds, as tokens (B, 1, V) and as pooled (B, V); "" is all
     zeros, the null prompt of classifier-free guidance. The first linear layer that reads it adds up a
-    learned vector per entry. The tiny preset's vocabulary is the shapes world's words (data.WORDS): a
-    caption is its words, one shape's attributes without their order. The ucf preset's is its classes
-    (the training videos' captions), and a prompt is one class, named as its folder (ApplyEyeMakeup) or
-    in words (apply eye makeup): a one-hot class, so that layer is a class table, as DiT's LabelEmbedder."""
+    learned vector per entry. The tiny preset's vocabulary is the words of its listing's captions
+    (word_vocabulary; the shapes world's are data.WORDS): a caption is its words without their order.
+    The ucf preset's is its listing's classes, and a prompt is one class, named as its folder
+    (ApplyEyeMakeup) or in words (apply eye makeup): a one-hot class, so that layer is a class table, as
+    DiT's LabelEmbedder. A prompt with a word or class the run does not know is a ValueError; in
+    training (skip_unknown) a caption's words that the vocabulary's cap dropped are skipped instead."""
 
-    def __init__(self, config):
+    def __init__(self, config, skip_unknown=False):
         super().__init__()
         self.config = config  # {"words": [...]} or {"classes": [...]}, sorted
         self.kind = "classes" if "classes" in config else "words"
         self.index = {entry: k for k, entry in enumerate(config[self.kind])}
         self.width = self.embed_dim = len(self.index)
-        self.register_buffer("one_hot", torch.eye(self.width), persistent=False)
+        self.skip_unknown = skip_unknown and self.kind == "words"
+        self.register_buffer("anchor", torch.empty(0), persistent=False)  # moves with .to(): where vectors go
+
+    def entries(self, prompt):
+        if self.kind == "classes":
+            return [class_caption(prompt)] if prompt else []
+        return caption_words(prompt)
 
     def forward(self, prompts):
-        vectors = torch.zeros(len(prompts), self.width, device=self.one_hot.device)
+        vectors = torch.zeros(len(prompts), self.width, device=self.anchor.device)
         for row, prompt in enumerate(prompts):
-            entries = [class_caption(prompt)] if self.kind == "classes" and prompt else prompt.lower().split()
-            unknown = [entry for entry in entries if entry not in self.index]
-            if unknown:
-                one = {"words": "word", "classes": "class"}[self.kind]
-                raise ValueError(f"unknown {one} {unknown[0]!r} in {prompt!r}: this run knows {len(self.index)} "
-                                 f"{self.kind}: {', '.join(self.config[self.kind][:24])}")
-            vectors[row] = self.one_hot[[self.index[entry] for entry in entries]].sum(0).clamp(max=1)
+            entries = self.entries(prompt)
+            if not self.skip_unknown:
+                self.check(prompt, entries)
+            vectors[row, [self.index[entry] for entry in entries if entry in self.index]] = 1
         return vectors[:, None], vectors
+
+    def check(self, prompt, entries):
+        one = {"words": "word", "classes": "class"}[self.kind]
+        if prompt and not entries:
+            raise ValueError(f"the prompt {prompt!r} holds no {one}: use '' for the unconditional prompt")
+        unknown = [entry for entry in entries if entry not in self.index]
+        if unknown:
+            known = self.config[self.kind]
+            raise ValueError(f"unknown {one} {unknown[0]!r} in {prompt!r}: this run knows {len(known)} "
+                             f"{self.kind}: {', '.join(known[:24])}{', ...' if len(known) > 24 else ''}")
 
 
 # -----------------------------------------------------------------------------
@@ -490,12 +528,12 @@ def main(argv=None):
     preset = PRESETS[args.preset]
     config = replace(preset, sd=args.sd or preset.sd, text=args.text or preset.text, unet=args.size or preset.unet,
                      snr_gamma=preset.snr_gamma if args.snr_gamma is None else args.snr_gamma or None)
-    if args.flops:  # on `meta`, at the AE preset's frame shape for --resolution: no run needed
+    if args.flops:  # on `meta`, at the sizes of --ae's run or of the preset
         try:
-            frames = config_at(AE_PRESETS[args.preset], args.resolution)
-            tokens, width, _ = text_shapes(config.text)
+            frames, text = flops_sizes(args, config.text)
         except (OSError, ValueError) as e:
             fail(e)
+        tokens, width, _ = text_shapes(text)
         shape = (frames.channels, frames.height, frames.width)
         with torch.device("meta"):
             unet = (UNet2DConditionModel(**SD21_UNET_CONFIG) if config.sd
@@ -598,15 +636,35 @@ def text_config(name):
     return config
 
 
-def text_shapes(name):
-    """(tokens per prompt, their width, the pooled width) of a text encoder, without building it (--flops);
-    "classes": UCF-101's 101."""
-    if name == "words":
-        return 1, len(WORDS), len(WORDS)
-    if name == "classes":
-        return 1, 101, 101
-    config = text_config(name)
+def text_shapes(config):
+    """(tokens per prompt, their width, the pooled width) of a text encoder, from its config (a run's
+    text_encoder.json, or flops_sizes' assumption), without building it: what --flops needs."""
+    if "words" in config or "classes" in config:
+        entries = len(config.get("words") or config["classes"])
+        return 1, entries, entries
     return config["text_cfg"]["context_length"], config["text_cfg"]["width"], config["embed_dim"]
+
+
+def flops_sizes(args, text):
+    """The sizes --flops counts at, said in one line -> (AE config, text encoder config): those of the run
+    --ae names (its AE, and its text encoder once stage 2 has saved it there), or else the preset's AE at
+    --resolution and the text encoder `text` (a bag of words: the shapes world's)."""
+    saved = Path(args.ae or "", "text_encoder.json")
+    if args.ae and saved.is_file():
+        te_config, text_said = json.loads(saved.read_text()), f"its text encoder ({saved})"
+    elif text in ("words", "classes"):
+        te_config = {"words": WORDS} if text == "words" else {"classes": [f"class {k}" for k in range(101)]}
+        text_said = ("a bag of the shapes world's 24 words" if text == "words" else "UCF-101's 101 classes, one-hot")
+    else:
+        te_config, text_said = text_config(text), f"the text encoder {text}"
+    if args.ae:
+        ae_config = AEConfig(**load_stage(args.ae, "ae")[0]["config"])
+        print(f"sizes of the run {args.ae}: its AE ({' x '.join(map(str, ae_config.video_size))} videos), {text_said}")
+    else:
+        ae_config = config_at(AE_PRESETS[args.preset], args.resolution)
+        print(f"sizes assumed (no --ae run named): the {args.preset} preset's AE at "
+              f"{'x'.join(map(str, ae_config.video_size))}, {text_said}")
+    return ae_config, te_config
 
 
 def build_text_encoder(name="tiny", weights=None, pretrained=None, seed=0):
@@ -642,11 +700,12 @@ def save_text_encoder(te, run_dir):
     write_json_atomic(run_dir / "text_encoder.json", te.config)
 
 
-def load_text_encoder(run_dir):
+def load_text_encoder(run_dir, skip_unknown=False):
+    """The text encoder saved in a run (skip_unknown: BagOfWords')."""
     config_path, weights_path = Path(run_dir) / "text_encoder.json", Path(run_dir) / "text_encoder.safetensors"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     if "classes" in config or "words" in config:
-        return BagOfWords(config)
+        return BagOfWords(config, skip_unknown)
     if not (config and weights_path.is_file()):
         raise FileNotFoundError(f"{run_dir} has no saved text encoder (text_encoder.json + text_encoder.safetensors)")
     te = TextEncoder(config)
@@ -659,12 +718,20 @@ def load_text_encoder(run_dir):
 SAVED_IN_RUN = ("tiny", "words", "classes")
 
 
-def text_encoder_for_run(run_dir, config, text_weights=None, classes=None):
-    """The run's text encoder, shared by stages 2 and 3 and sample.py (SAVED_IN_RUN: saved the first time)."""
+def text_encoder_for_run(run_dir, config, text_weights=None, captions=()):
+    """The text encoder that stages 2 and 3 train with, shared through the run (SAVED_IN_RUN: made and
+    saved the first time). A bag of words or classes is made from `captions`, every caption of the
+    listing, training and held-out alike, so that a held-out video's caption is known too."""
     if (Path(run_dir) / "text_encoder.json").is_file():
-        return load_text_encoder(run_dir)
-    if config.text in ("words", "classes"):
-        te = BagOfWords({"words": WORDS} if config.text == "words" else {"classes": classes})
+        return load_text_encoder(run_dir, skip_unknown=True)
+    if config.text == "words":
+        words, dropped = word_vocabulary(captions)
+        if dropped:
+            print(f"warning: the captions hold {len(words) + dropped:,} different words; the bag of words keeps "
+                  f"the {len(words):,} most frequent and drops {dropped:,} rarer ones, which training skips")
+        te = BagOfWords({"words": words}, skip_unknown=True)
+    elif config.text == "classes":
+        te = BagOfWords({"classes": sorted({class_caption(caption) for caption in captions})})
     else:
         te = build_text_encoder(config.text, weights=text_weights,
                                 pretrained=None if text_weights else config.text_pretrained)
@@ -719,12 +786,26 @@ def latent_stage(args, config):
         if config.text == "classes" and not hasattr(dataset, "items"):
             raise ValueError(f"the {args.preset} preset learns the classes of listed videos: --data wants a folder "
                              "of class folders (UCF-101) or a CSV of path,class")
-        classes = sorted({caption for _, caption in dataset.items}) if config.text == "classes" else None
-        text_encoder = text_encoder_for_run(args.out, config, args.text_weights, classes).to(device)
+        captions = listing_captions(dataset) + listing_captions(val_set)
+        text_encoder = text_encoder_for_run(args.out, config, args.text_weights, captions).to(device)
+        if rank == 0 and isinstance(text_encoder, BagOfWords):
+            print(describe_vocabulary(text_encoder, listing_captions(dataset), Path(args.out) / "text_encoder.json"))
         dataset, val_batch = latent_data(args, ae, frame_space, dataset, val_set, device)
     except (OSError, ValueError, RuntimeError) as e:
         fail(e)
     return rank, device, text_encoder, ae, frame_space, dataset, val_batch
+
+
+def describe_vocabulary(bag, training_captions, path, shown=40):
+    """One line: what a BagOfWords knows, and the classes no training video shows (held out only)."""
+    entries = bag.config[bag.kind]
+    line = f"text: a bag of {len(entries)} {bag.kind} ({path}): {', '.join(entries[:shown])}"
+    line += f", ... ({len(entries) - shown} more)" if len(entries) > shown else ""
+    if bag.kind == "classes":
+        trained = {class_caption(caption) for caption in training_captions}
+        unseen = [entry for entry in entries if entry not in trained]
+        line += f"; no training video of {len(unseen)}: {', '.join(unseen)}" if unseen else ""
+    return line
 
 
 def encode_videos(ae, frame_space, batch):

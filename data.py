@@ -496,6 +496,12 @@ def make_dataset(spec, frames=16, size=(32, 32), stride=1, seed=0, split="train"
                      f"or a folder of class folders of videos")
 
 
+def listing_captions(dataset):
+    """Every caption of a dataset's listing, without reading a video. The shapes world draws its captions from
+    a grammar: its listing's captions are its words (WORDS), each once, "and" of two-shape videos among them."""
+    return list(WORDS) if isinstance(dataset, ShapesDataset) else [caption for _, caption in dataset.items]
+
+
 def report_loading_speed(dataset, n=8):
     """Load n items, print the clips/s (one DataLoader worker's speed: workers x clips/s below batch x
     steps/s means the data bounds training) and return it. torch's RNG is restored: the run is unchanged."""
@@ -787,9 +793,11 @@ def train(stage, model, loss_fn, dataset, args, config, evaluate=None):
     if metrics:
         metrics.close()
     if world > 1:
-        # Free DDP while the process group is still registered: if its C++ reducer held the group's
-        # last reference, freeing it destroyed gloo's group under the GIL, which could deadlock.
-        del ddp_model
+        # Free the DDP wrapper while the process group is still registered, by every name that holds it
+        # (`forward` is the same object without --compile). Freed after destroy_process_group, its C++
+        # reducer held the group's last reference and destroyed gloo's group with the GIL held, while a
+        # gloo thread freeing the barrier's tensors waited for the GIL: a deadlock, now and then.
+        del forward, ddp_model
         dist.barrier()
         dist.destroy_process_group()
     return ema

@@ -26,10 +26,10 @@ import torch.nn as nn
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-from ae import PRESETS as AE_PRESETS
-from ae import Attention, config_at, sincos, sincos_grid
+from ae import Attention, sincos, sincos_grid
 from content import PRESETS as CONTENT_PRESETS
-from content import Diffusion, add_latent_args, drop_prompts, encode_videos, latent_stage, text_shapes
+from content import (Diffusion, add_latent_args, drop_prompts, encode_videos, flops_sizes, latent_stage,
+                     text_shapes)
 from data import (add_training_args, fail, held_out_loss, load_stage, parse_stage_args, print_costs, train,
                   video_to_uint8, write_video)
 
@@ -350,10 +350,10 @@ def main(argv=None):
     add_training_args(parser)
     args = parse_stage_args(parser, "motion", DEFAULTS, argv)
     content_config = replace(CONTENT_PRESETS[args.preset], text=args.text or CONTENT_PRESETS[args.preset].text)
-    if args.flops:  # on `meta`, at --resolution, with the preset's text encoder: no run needed
+    if args.flops:  # on `meta`, at the sizes of --ae's run or of the preset
         try:
-            frames = config_at(AE_PRESETS[args.preset], args.resolution)
-            tokens, *widths = text_shapes(content_config.text)
+            frames, text = flops_sizes(args, content_config.text)
+            tokens, *widths = text_shapes(text)
             config = config_for(args.preset, args.size, frames, widths)
         except (OSError, ValueError) as e:
             fail(e)

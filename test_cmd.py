@@ -9,6 +9,7 @@ against softmax(QK^T)V, text features against open_clip, FLOPs against hand coun
 runs of tiny models, save -> load round trips, and failure tests (bad input, the promised error).
 """
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -27,12 +28,14 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ae
 import content
@@ -44,7 +47,7 @@ from content import (SD21_UNET_CONFIG, TINY_TEXT_CONFIG, ContentConfig, Diffusio
                      load_text_encoder, save_text_encoder, scratch_unet, unet_model_fn)
 from motion import MotionConfig, MotionDiT, example_inputs
 from tools import bench as bench_tool
-from tools import evaluate, paper_check, shapes
+from tools import curves, evaluate, paper_check, shapes
 from tools.bench import (PAPER_SETUP, SYSTEMS, bench, build, random_text_encoder, sample_video, sampling_flops,
                          training_flops)
 
@@ -195,12 +198,12 @@ def last_json(capsys):
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def write_with_pyav(path, frames, codec):
+def write_with_pyav(path, frames, codec, pix_fmt="yuv420p"):
     """np.uint8 (L, H, W, 3) -> a file in any container PyAV writes (avi: mpeg4, webm: vp8)."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=8)
         stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = pix_fmt
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
@@ -214,6 +217,36 @@ def vgg_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("vgg") / "vgg16-397923af.pth"
     torch.save({f"features.{name.split('.', 1)[1]}": value for name, value in backbone.items()}, path)
     return path
+
+
+# A user's own clips, as they come: five codecs in five containers, sizes of any shape, free captions with
+# punctuation, quotes and non-ASCII words. (file, codec (None: a GIF by data.write_video), pixel format,
+# (height, width), caption)
+USER_CLIPS = [
+    ("colour bars.mp4", "libx264", "yuv420p", (48, 64), 'TV color bars, "broadcast" test; static'),
+    ("rgb.gif", None, None, (40, 40), "rgb test source as a gif"),
+    ("café.webm", "libvpx-vp9", "yuv420p", (36, 64), "Café au lait: a cup, steaming (VP9)"),
+    ("motion jpeg.avi", "mjpeg", "yuvj420p", (64, 200), "a 64x200 clip in motion JPEG, 日本語 too"),
+    ("mpeg4.avi", "mpeg4", "yuv420p", (48, 48), "a blob drifting right!"),
+    ("h264.mkv", "libx264", "yuv420p", (32, 48), "the same blob... drifting left"),
+]
+
+
+def user_clips(folder, frames=20):
+    """USER_CLIPS written into `folder` (a blob of its own colour drifting across a gradient) and listed in
+    folder/clips.csv as path,caption. -> the CSV's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name, codec, pix_fmt, (height, width), _ in USER_CLIPS:
+        ys, xs = np.mgrid[:height, :width] / max(height, width)
+        colour, start, step = rng.uniform(0, 255, 3), rng.uniform(0.2, 0.5, 2), rng.uniform(-0.02, 0.02, 2)
+        video = np.empty((frames, height, width, 3))
+        for i in range(frames):
+            blob = np.exp(-((ys - start[0] - i * step[0]) ** 2 + (xs - start[1] - i * step[1]) ** 2) / 0.02)[..., None]
+            video[i] = (1 - blob) * 255 * ys[..., None] + blob * colour
+        video = video.round().astype(np.uint8)
+        data.write_video(folder / name, video) if codec is None else write_with_pyav(folder / name, video, codec, pix_fmt)
+    return paper_check.write_csv(folder / "clips.csv", [(name, caption) for name, *_, caption in USER_CLIPS])
 
 
 UCF_CLASSES = ("ApplyEyeMakeup", "Biking", "JumpRope")
@@ -681,8 +714,22 @@ def join_as_gloo_rank(rank, port):
     torch.set_num_threads(1)
 
 
+def count_ddp_alive_at_teardown(log):
+    """From now on, each dist.destroy_process_group first appends to `log` how many DDP wrappers are alive.
+    One still alive then is freed later, its reducer destroying the gloo group with the GIL held: the
+    hang that data.train's teardown prevents, now and then only, so the tests check its cause."""
+    destroy = dist.destroy_process_group
+
+    def counted(*args, **kwargs):
+        with open(log, "a") as f:
+            f.write(f"{sum(isinstance(o, DDP) for o in gc.get_objects())}\n")
+        return destroy(*args, **kwargs)
+    dist.destroy_process_group = counted
+
+
 def ddp_worker(rank, out, port, minutes=(0, 0)):
     join_as_gloo_rank(rank, port)
+    count_ddp_alive_at_teardown(out / f"ddp-alive-{rank}")
     model, _ = train_micro(out / "run", steps=2, batch_size=2, minutes=minutes[rank])
     torch.save(model.state_dict(), out / f"rank{rank}.pt")
 
@@ -714,6 +761,7 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path, minutes):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], initial[k]) for k in a)  # and they did train
     assert json.load(open(tmp_path / "run" / "ae.json"))["step"] == (2 if minutes[0] == 0 else 1)
+    assert [(tmp_path / f"ddp-alive-{r}").read_text() for r in (0, 1)] == ["0\n", "0\n"]
 
 
 # --- FLOPs -------------------------------------------------------------------------------------------
@@ -1176,6 +1224,37 @@ def test_bag_of_words_is_one_hot_over_words_or_classes(tmp_path):
     assert load_text_encoder(tmp_path).config == te.config and not (tmp_path / "text_encoder.safetensors").exists()
 
 
+def test_bag_of_words_vocabulary_is_the_listings_words():
+    """Any captions: lower-cased, punctuation split off and dropped, the most frequent kept (ties
+    alphabetically), sorted; the shapes world's listing gives exactly its 24 words in their order."""
+    captions = ['TV color bars, "broadcast" test; static', "rgb test source as a GIF", "Café au lait: tést!"]
+    assert content.caption_words(captions[0]) == ["tv", "color", "bars", "broadcast", "test", "static"]
+    assert content.word_vocabulary(captions) == (sorted({"tv", "color", "bars", "broadcast", "test", "static", "rgb",
+                                                         "source", "as", "a", "gif", "café", "au", "lait", "tést"}), 0)
+    assert content.word_vocabulary(captions, limit=3) == (["a", "as", "test"], 12)  # "test" twice, then a, as
+    assert content.word_vocabulary(data.listing_captions(data.ShapesDataset()))[0] == data.WORDS
+    with pytest.raises(ValueError, match="no words"):
+        content.word_vocabulary(["", "?!"])
+    te = content.BagOfWords({"words": content.word_vocabulary(captions)[0]})
+    assert list(te.buffers())[0].numel() == 0  # no V x V one-hot table
+    pooled = te(['tv COLOR bars; "broadcast"...'])[1][0]
+    assert [te.config["words"][k] for k in pooled.nonzero()[:, 0]] == ["bars", "broadcast", "color", "tv"]
+
+
+def test_unknown_words_fail_at_sampling_and_are_skipped_in_training():
+    """A word the run never saw is a ValueError that names it (sample.py: one line, exit 2); training skips
+    the words the vocabulary's cap dropped. A class is never skipped."""
+    strict, training = (content.BagOfWords({"words": ["a", "circle", "red"]}, skip_unknown=skip) for skip in (0, 1))
+    with pytest.raises(ValueError, match="unknown word 'crimson' in 'a crimson circle'.*3 words: a, circle, red"):
+        strict(["a crimson circle"])
+    with pytest.raises(ValueError, match="holds no word"):
+        strict(["?!"])
+    assert torch.equal(training(["a crimson circle"])[1], strict(["a circle"])[1])
+    classes = content.BagOfWords({"classes": ["biking"]}, skip_unknown=True)
+    with pytest.raises(ValueError, match="unknown class 'surfing'"):
+        classes(["Surfing"])
+
+
 def test_ucf_unet_on_meta_takes_one_hot_classes():
     with torch.device("meta"):
         unet = content.scratch_unet("ucf", 101, (64, 64))
@@ -1628,6 +1707,7 @@ def stages_worker(rank, out, ports):
             f.write(f"{rank}\n")
 
     ae.write_preview = content.write_image = motion.write_motion_preview = note_writer
+    count_ddp_alive_at_teardown(out / f"ddp-alive-{rank}")
     for stage, port in zip((ae, content, motion), ports):  # each stage joins a new group
         join_as_gloo_rank(rank, port)
         run_stage_one_step(stage, out / "run")
@@ -1636,6 +1716,7 @@ def stages_worker(rank, out, ports):
 def test_under_torchrun_every_stage_trains_and_only_rank_0_writes_previews(tmp_path):
     spawn_two(stages_worker, tmp_path, [free_port() for _ in range(3)])
     assert (tmp_path / "previews-written-by").read_text() == "0\n0\n0\n"  # ae, content, motion
+    assert [(tmp_path / f"ddp-alive-{r}").read_text() for r in (0, 1)] == ["0\n0\n0\n"] * 2  # each stage's teardown
     for stage in ("ae", "content", "motion"):
         assert data.load_stage(tmp_path / "run", stage)[0]["step"] == 1
 
@@ -1681,6 +1762,84 @@ def test_ucf_end_to_end(ucf_folder, vgg_file, i3d_file, tmp_path):
                              capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1
     assert "unknown class 'surfing'" in unknown.stderr and "apply eye makeup" in unknown.stderr
+
+
+def run_commands(commands, cwd):
+    """Each command as a user types it (`script argv...`), in a subprocess: all end well, no traceback."""
+    outputs = []
+    for script, *argv in commands:
+        outputs.append(subprocess.run([sys.executable, str(Path(__file__).parent / script), *argv], cwd=cwd,
+                                      capture_output=True, text=True, timeout=300))
+        assert outputs[-1].returncode == 0 and "Traceback" not in outputs[-1].stderr, outputs[-1].stderr[-3000:]
+    return outputs
+
+
+def test_tiny_preset_trains_on_your_own_clips(tmp_path):
+    """The tiny preset's three commands and sample.py on a user's clips (USER_CLIPS): the bag of words takes
+    every caption's words, held-out ones too; a prompt is one of the captions, as typed; a word the run never
+    saw is a one-line error."""
+    listing = user_clips(tmp_path / "clips")
+    common = ["--data", str(listing), "--out", "run", "--steps", "2", "--batch-size", "2"]
+    outputs = run_commands([["ae.py", *common], ["content.py", *common], ["motion.py", *common],
+                            ["sample.py", USER_CLIPS[0][-1], "--run", "run", "--steps", "2", "--out", "samples"]],
+                           tmp_path)
+    words = content.word_vocabulary(caption for *_, caption in USER_CLIPS)[0]
+    assert content.load_text_encoder(tmp_path / "run").config == {"words": words}
+    assert f"text: a bag of {len(words)} words" in outputs[1].stdout and "日本語" in words and "café" in words
+    assert data.read_video(tmp_path / "samples" / "tv-color-bars-broadcast-test-static-0.mp4").shape == (16, 32, 32, 3)
+    unknown = subprocess.run([sys.executable, str(Path(__file__).parent / "sample.py"), "a crimson blob", "--run",
+                              "run"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1
+    assert "unknown word 'crimson'" in unknown.stderr
+
+
+def test_ucf_preset_on_class_folders_without_split_files(tmp_path, capsys, monkeypatch):
+    """A user's small class-conditional set: two class folders, one video each, no split files. The held-out
+    slice takes one class's only video; the run knows both classes, says which has no training video, and
+    samples either. The same preset on the captioned clips: each caption is a class."""
+    monkeypatch.setattr(sys, "argv", sys.argv)  # restored after the test
+    clips = user_clips(tmp_path / "clips").parent
+    for k, name in enumerate(("YoYo", "ApplyEyeMakeup")):
+        (tmp_path / "classes" / name).mkdir(parents=True)
+        shutil.copy(clips / USER_CLIPS[k + 4][0], tmp_path / "classes" / name)
+    said = {}
+    for listing, prompt in ((tmp_path / "classes", "apply eye makeup"), (clips / "clips.csv", USER_CLIPS[3][-1])):
+        run = tmp_path / f"run-{listing.stem}"
+        common = ["--preset", "ucf", "--data", str(listing), "--out", str(run), "--steps", "1", "--batch-size", "1",
+                  "--grad-accum", "1"]
+        ae.main([*common, "--resolution", "16x16", "--loss", "mse"])
+        content.main([*common, "--size", "tiny"])
+        motion.main([*common, "--size", "tiny"])
+        sample.main([prompt, "--run", str(run), "--steps", "2", "--out", str(tmp_path / "samples"), "--format", "mp4"])
+        assert data.read_video(tmp_path / "samples" / f"{sample.slug(prompt)}-0.mp4").shape == (16, 16, 16, 3)
+        said[listing.stem] = capsys.readouterr().out
+    assert content.load_text_encoder(tmp_path / "run-classes").config["classes"] == ["apply eye makeup", "yo yo"]
+    assert "text: a bag of 2 classes" in said["classes"] and "no training video of 1: apply eye makeup" in said["classes"]
+    classes = content.load_text_encoder(tmp_path / "run-clips").config["classes"]
+    assert classes == sorted(data.class_caption(caption) for *_, caption in USER_CLIPS)
+
+
+def test_flops_count_at_the_sizes_of_the_run_ae_names(tmp_path, capsys):
+    """--flops --ae RUN: the run's AE (a 64x128 tiny AE) and its saved text encoder (3 words) set the sizes;
+    without --ae, the preset's, said in one line."""
+    run = tmp_path / "p"
+    run.mkdir()
+    config = ae.config_at(ae.PRESETS["tiny"], (64, 128))
+    data.save_stage(run, "ae", ae.Autoencoder(config), 0, asdict(config))
+    content.save_text_encoder(content.BagOfWords({"words": ["a", "blob", "drifting"]}), run)
+    with torch.device("meta"):
+        unet = content.scratch_unet("tiny", 3, (64, 128), 3)
+    dit, dit_loss = motion.training_step(motion.config_for("tiny", None, config, (3, 3)), text_len=1)
+    expected = {content: (sum(p.numel() for p in unet.parameters()),
+                          data.count_flops(lambda: content.training_step(unet, (3, 64, 128), (1, 3))().backward())[0]),
+                motion: (sum(p.numel() for p in dit.parameters()), data.count_flops(lambda: dit_loss().backward())[0])}
+    for stage in (content, motion):
+        assert stage.main(["--flops", "--ae", str(run)]) == expected[stage]
+        assert f"sizes of the run {run}: its AE (64 x 128 videos), its text encoder" in capsys.readouterr().out
+        assert stage.main(["--flops"])[1] < expected[stage][1] / 4  # 32x32, the shapes world's 24 words
+        assert ("sizes assumed (no --ae run named): the tiny preset's AE at 32x32, a bag of the shapes world's 24 "
+                "words") in capsys.readouterr().out
+    fails_with(["--flops", "--ae", str(tmp_path / "missing")], capsys, "ae.json not found", stage=motion)
 
 
 def test_paper_path_end_to_end(tmp_path):
@@ -1729,6 +1888,25 @@ def test_paper_path_end_to_end(tmp_path):
 # ==================================================================================================
 # tools/: the shapes evaluation, the benchmark, FVD and CLIPSIM
 # ==================================================================================================
+
+# --- tools/curves.py ---------------------------------------------------------------------------------
+
+def test_curves_smooth_the_loss_and_plot_each_stage_of_a_run(tmp_path, capsys):
+    """What data.train logs into metrics.jsonl, read back per stage and drawn, a row a stage, into a PNG; the
+    smoothing is the debiased EMA (its first point the first value)."""
+    assert curves.smooth([1.0, 3.0, 2.0], weight=0.5) == pytest.approx([1.0, (0.25 + 1.5) / 0.75,
+                                                                  (0.125 + 0.75 + 1) / 0.875])
+    train_micro(tmp_path / "run", steps=4)
+    args = training_args(tmp_path / "run", steps=4)
+    data.train("motion", ae.Autoencoder(MICRO), ae_loss, micro_dataset(), args, vars(MICRO),
+               evaluate=lambda model: {"val_loss": 0.5})
+    read = curves.read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [step for step, _ in read["ae"]["loss"]] == [1, 4] and read["motion"]["val_loss"] == [(2, 0.5), (4, 0.5)]
+    curves.main([str(tmp_path / "run")])
+    assert Image.open(tmp_path / "run" / "curves.png").size == (1000, 560)  # two stages, two rows
+    assert "wrote" in capsys.readouterr().out
+    fails_with([str(tmp_path / "nothing")], capsys, "metrics.jsonl not found", stage=curves)
+
 
 # --- tools/shapes.py ---------------------------------------------------------------------------------
 
