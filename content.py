@@ -1,19 +1,21 @@
 """Stage 2 of CMD: content-frame diffusion (text -> content frame).
 
 The autoencoder (ae.py) turns each video into a content frame, a weighted sum of its
-frames that lives in the same space as one frame: an image (tiny preset) or a Stable
+frames that lives in the same space as one frame: an image (tiny and ucf presets) or a Stable
 Diffusion latent (paper preset). Because it looks like an image, the paper generates it
 by fine-tuning a pretrained text-to-image model, Stable Diffusion, with no new
 parameters (CMD, arXiv 2403.14148, Sec. 3.2). This file holds, in reading order:
 
-  1. hand-written diffusion maths: noise schedule, training loss, DDIM sampler with
+  1. the content model: Stable Diffusion's UNet (diffusers), fine-tuned as it is, reading the frozen
+     OpenCLIP text encoder of SD 2.x (open_clip_torch),
+  2. hand-written diffusion maths: noise schedule, training loss, DDIM sampler with
      classifier-free guidance. motion.py and sample.py reuse them, so they work on
-     tensors of any shape (b ...), not only images,
-  2. the content UNet: Stable Diffusion's (diffusers), or a tiny one trained from scratch,
-  3. the frozen OpenCLIP text encoder of SD 2.x (open_clip_torch),
-  4. sampling content frames (Algorithm 1, step 2), the presets and the training main(),
-  5. loaders: SD's UNet and schedule, open_clip text weights, a trained content stage,
-  6. what stages 2 and 3 share: the AE's latents of the videos, encoded on the fly or cached.
+     tensors of any shape (b ...), not only images; sampling content frames (Algorithm 1, step 2),
+  3. the presets and the training main(),
+  4. loaders: text encoders, a trained content stage, what stages 2 and 3 start from,
+  5. not the paper's method: the models the tiny and ucf presets train from scratch (a UNet of SD's
+     design, the prompt as a bag of words or a one-hot class),
+  6. speed engineering: each DDIM step a CUDA graph.
 
 Run it:
   python content.py                                      # tiny preset, shapes, CPU
@@ -24,7 +26,6 @@ Run it:
   python content.py --preset paper --flops [--resolution 256x512]  # parameters and FLOPs/step on `meta`
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -32,29 +33,125 @@ import pickle
 import re
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import open_clip
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from einops import rearrange
 from open_clip.transformer import TextTransformer
-from safetensors import safe_open
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ae import PRESETS as AE_PRESETS
-from ae import SD_MODEL, AEConfig, check_sd_folder, config_at, load_ae
-from data import (WORDS, add_training_args, class_caption, fail, first_items, held_out_loss, listing_captions,
-                  load_stage, loader_workers, local_or_name, parse_stage_args, print_costs, save_safetensors_atomic,
-                  setup_distributed, train, train_and_val_videos, video_to_uint8, write_image, write_json_atomic)
+from ae import SD_MODEL, AEConfig, check_sd_folder, load_ae, preset_config
+from data import (WORDS, add_latent_args, add_training_args, class_caption, encode_videos, fail, held_out_loss,
+                  latent_data, listing_captions, load_stage, local_or_name, parse_stage_args, print_costs,
+                  save_safetensors_atomic, setup_distributed, train, train_and_val_videos, video_to_uint8, write_image,
+                  write_json_atomic)
 
 # -----------------------------------------------------------------------------
-# 1. Diffusion maths, written out (DDPM: Ho et al. 2020; DDIM: Song et al. 2021)
+# 1. The content model: Stable Diffusion's UNet, fine-tuned with no new parameters (Sec. 3.2)
+
+def build_unet(config, frame_shape, text_width):
+    """The UNet to train and its noise schedule: Stable Diffusion's, fine-tuned as it is with
+    no new parameters (the paper), or one trained from scratch on pixel content frames (tiny, ucf)."""
+    if config.sd is None:
+        return scratch_unet(config.unet, text_width, frame_shape[1:], frame_shape[0]), config.schedule()
+    unet, schedule = load_sd_unet(config.sd)
+    check_unet_fits(unet.config, f"{config.sd} takes", frame_shape[0], text_width)
+    return unet, schedule
+
+
+def load_sd_unet(path_or_id):
+    """Stable Diffusion's UNet and its training noise schedule, from a diffusers folder or hub id.
+
+    Returns (unet, schedule) where schedule holds the keyword arguments of Diffusion.
+    """
+    check_sd_folder(path_or_id, ("unet", "scheduler"))
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path_or_id, subfolder="unet", low_cpu_mem_usage=False)
+        config = DDIMScheduler.load_config(path_or_id, subfolder="scheduler")
+    except OSError as e:
+        where = "local folder" if os.path.isdir(path_or_id) else "no local folder; Hugging Face hub"
+        raise OSError(f"could not load Stable Diffusion from {path_or_id!r} ({where}): {e}") from e
+    if config.get("beta_schedule") != "scaled_linear":
+        raise ValueError(f"{path_or_id}: beta_schedule {config.get('beta_schedule')!r}; "
+                         "Diffusion implements SD's 'scaled_linear' only")
+    schedule = dict(prediction_type=config.get("prediction_type", "epsilon"),  # SD 1.x: no key
+                    num_train_timesteps=config["num_train_timesteps"],
+                    beta_start=config["beta_start"], beta_end=config["beta_end"],
+                    steps_offset=config.get("steps_offset", 0),
+                    rescale_betas_zero_snr=config.get("rescale_betas_zero_snr", False),
+                    set_alpha_to_one=config.get("set_alpha_to_one", True))  # diffusers' default
+    return unet, schedule
+
+
+def check_unet_fits(unet_config, who, channels, text_width):
+    """A UNet takes frames of one channel count and text tokens of one width: those of the AE and the text
+    encoder it is used with, or a ValueError that says what differs."""
+    if unet_config.in_channels != channels or unet_config.cross_attention_dim != text_width:
+        raise ValueError(f"{who} {unet_config.in_channels}-channel frames and {unet_config.cross_attention_dim}-wide "
+                         f"text tokens; the AE makes {channels}-channel frames and the text encoder {text_width}-wide "
+                         "tokens")
+
+
+def unet_model_fn(unet):
+    """The UNet as a Diffusion model_fn(x, t, cond), cond = text tokens (B, S, width)."""
+    return lambda x, t, tokens: unet(x, t, encoder_hidden_states=tokens).sample
+
+
+# The text encoder: OpenCLIP's text tower, used the way Stable Diffusion 2.x uses it
+
+class TextEncoder(nn.Module):
+    """Frozen CLIP text tower: prompts -> (tokens (B, context, width), pooled (B, embed_dim)).
+
+    tokens: output of the penultimate transformer block, then the final LayerNorm. This is
+      what SD 2.x cross-attends to (its UNet was trained on exactly these features).
+    pooled: the usual CLIP text embedding (last block, final LayerNorm, end-of-text token,
+      text_projection). SD's UNet ignores it; the motion DiT uses it as a global condition.
+    Only the text tower is built (no vision tower), straight from an open_clip model config.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config  # {"embed_dim": ..., "text_cfg": {...}}, as open_clip's model configs
+        if config["text_cfg"]["layers"] < 2:
+            raise ValueError("the text tower needs >= 2 layers: SD reads the penultimate one")
+        self.text = TextTransformer(output_dim=config["embed_dim"], **config["text_cfg"])
+        self.tokenizer = open_clip.SimpleTokenizer(context_length=self.text.context_length)
+        self.width, self.embed_dim = self.text.width, config["embed_dim"]
+        self.requires_grad_(False).eval()  # frozen, as when SD 2.x was trained
+
+    def tokenize(self, prompts):
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts must be a list of str, got {prompts!r}")
+        n = self.text.context_length
+        for p in prompts:
+            if p and not p.strip():
+                raise ValueError(f"blank prompt {p!r}: use '' for the unconditional prompt")
+            length = len(self.tokenizer.encode(p)) + 2  # + start and end-of-text tokens
+            if length > n:
+                warnings.warn(f"prompt of {length} tokens truncated to {n}: {p[:60]!r}...")
+        return self.tokenizer(prompts)  # (B, context) int64, zero-padded, truncated to the context
+
+    @torch.no_grad()
+    def forward(self, prompts):
+        t = self.text
+        ids = self.tokenize(prompts).to(t.positional_embedding.device)
+        x = t.token_embedding(ids) + t.positional_embedding  # (B, context, width)
+        for block in t.transformer.resblocks[:-1]:
+            x = block(x, attn_mask=t.attn_mask)  # causal mask, as CLIP was trained
+        tokens = t.ln_final(x)  # SD 2.x: layer="penultimate"
+        x = t.ln_final(t.transformer.resblocks[-1](x, attn_mask=t.attn_mask))
+        eot = ids.argmax(dim=-1)  # end-of-text has the largest id in CLIP's vocabulary
+        pooled = x[torch.arange(len(ids), device=x.device), eot] @ t.text_projection
+        return tokens, pooled
+
+
+# -----------------------------------------------------------------------------
+# 2. Diffusion maths, written out (DDPM: Ho et al. 2020; DDIM: Song et al. 2021)
 #
 # Glossary, names here -> symbols of the DDIM paper (whose alpha_t is DDPM's alpha-bar_t):
 #   alphas_cumprod[t]  alpha_t          x_t = sqrt(alpha_t) x_0 + sqrt(1 - alpha_t) eps
@@ -63,6 +160,31 @@ from data import (WORDS, add_training_args, class_caption, fail, first_items, he
 #   v                  v = sqrt(alpha_t) eps - sqrt(1 - alpha_t) x_0 (Salimans & Ho 2022),
 #                      what SD 2.1 (768) predicts; SD 2.1-base and SD 1.x predict eps.
 # Conditions ("cond") are a tensor or a tuple of tensors, each with the batch first.
+
+@dataclass
+class DiffusionConfig:
+    """How a denoiser is trained and sampled: the content UNet (ContentConfig) and the motion DiT
+    (motion.MotionConfig). Each preset's row (PRESETS) gives the values and says why."""
+    # the network's target: "epsilon" or "v_prediction". A UNet fine-tuned from SD predicts what its
+    # scheduler config says (load_sd_unet); from scratch, v stays a well-scaled target at both ends of
+    # the schedule, where eps says nothing of x_0 at the noisy end
+    prediction_type: str | None
+    # SD's scaled-linear betas rescaled to zero terminal SNR (Diffusion, Lin et al. 2024): the noisiest
+    # training steps are then pure noise, as is the noise that sampling starts from (which DDIM's leading
+    # spacing labels t = 961 at 25 steps, not T), where SD's schedule keeps 7% of x_0 in x_T, enough to
+    # carry a mean colour or a direction that a model learns to read off the noise instead of the prompt
+    zero_terminal_snr: bool | None
+    # Min-SNR-gamma loss weights (Diffusion.loss), or None for the plain loss
+    snr_gamma: float | None
+    cfg_scale: float   # classifier-free guidance of the samples (sample.py's default)
+    sample_steps: int  # DDIM steps of the samples (sample.py's default)
+
+    def schedule(self):
+        """Diffusion's keywords for a model trained from scratch. Its last DDIM step goes to alpha = 1, the
+        predicted x_0 itself (Diffusion's set_alpha_to_one)."""
+        return {"prediction_type": self.prediction_type, "rescale_betas_zero_snr": self.zero_terminal_snr,
+                "set_alpha_to_one": True}
+
 
 class Diffusion:
     def __init__(self, prediction_type="epsilon", num_train_timesteps=1000,
@@ -217,30 +339,6 @@ def cfg_output(model_fn, x, t, cond, uncond, scale):
     return out_uncond + scale * (out_cond - out_uncond)
 
 
-def cuda_graphed(fn, *inputs):
-    """fn, recorded once as a CUDA graph on example inputs, then replayed: each call copies its inputs into
-    the recorded ones and relaunches the recorded kernels at once. A DDIM step of a small batch (a 512-token
-    DiT, SD at 64 x 128) otherwise waits on Python and on thousands of kernel launches. Calls keep the
-    example's shapes, and fn must not wait on the GPU (no .item() on its tensors)."""
-    static = [x.clone() for x in inputs]
-    side = torch.cuda.Stream()  # warm up off the main stream, as torch.cuda.graph wants
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):  # cuBLAS and cuDNN pick their kernels, the allocator its blocks
-            fn(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = fn(*static)
-
-    def replay(*args):
-        for recorded, new in zip(static, args):
-            recorded.copy_(new)
-        graph.replay()
-        return output.clone()  # the next replay overwrites `output`
-    return replay
-
-
 def drop_prompts(prompts, p=0.1, generator=None):
     """Replace each prompt by "" with probability p (the usual 10%, Ho & Salimans 2022), so one
     network also learns the unconditional prediction that classifier-free guidance needs."""
@@ -248,11 +346,170 @@ def drop_prompts(prompts, p=0.1, generator=None):
     return [prompt if k else "" for prompt, k in zip(prompts, keep)]
 
 
-# -----------------------------------------------------------------------------
-# 2. Content UNet: Stable Diffusion's, through diffusers (or a tiny one)
+@torch.no_grad()
+def sample_content_frames(unet, diffusion, tokens, null_tokens, shape, steps, cfg_scale, generator=None,
+                          progress=True, cuda_graph=True):
+    """Algorithm 1, step 2: content frames x̄_0 (B, *shape) from x̄_T ~ N(0, I) by guided DDIM on the UNet,
+    given the text tokens (B, S, width) of the prompts and of "" (the unconditional branch)."""
+    return diffusion.ddim_sample(unet_model_fn(unet), (len(tokens), *shape), tokens, null_tokens, steps=steps,
+                                 cfg_scale=cfg_scale, generator=generator, progress=progress, desc="content",
+                                 cuda_graph=cuda_graph)
 
-# Stable Diffusion 2.1's UNet (unet/config.json of stabilityai/stable-diffusion-2-1), so the
-# full model builds on the `meta` device without a download: 865,910,724 parameters.
+
+# -----------------------------------------------------------------------------
+# 3. The presets and training: fine-tune (paper) or train (tiny, ucf) the UNet on the AE's content frames
+
+@dataclass
+class ContentConfig(DiffusionConfig):
+    # "words" or "classes" (BagOfWords), "tiny" (a small open_clip tower, random), an open_clip model name or .json
+    text: str
+    text_pretrained: str | None  # open_clip pretrained tag (needs network)
+    sd: str | None   # SD folder or hub id to fine-tune; None: a UNet from scratch, of this shape:
+    unet: dict | None  # scratch_unet's widths a level, ResNet blocks a level, levels with attention
+
+
+# One row per preset: the content model (ContentConfig's fields) and its training flags
+# (data.add_training_args), with their sources.
+PRESETS = {
+    # Sized for the shapes world on a laptop CPU, with the latent cache (docs/results.md has the runs). The
+    # prompt as a bag of words (BagOfWords); a UNet of SD's design from scratch, v on the zero-terminal-SNR
+    # schedule with Min-SNR-20 weights: with v there a step's weight is min(SNR, gamma) / (SNR + 1), so the
+    # plain loss (gamma = inf) leaves the noisiest steps, which set the layout, almost untrained, and a small
+    # gamma the cleanest, which draw the edges; 20 trains both. Guidance 3; 25 DDIM steps, as good as 50 on
+    # the shapes world. Batch 16 for more steps learned the shapes better than batch 32, lr 2e-3 better
+    # than 1e-3; no weight averaging: a run this short improves faster than an average of its recent weights.
+    "tiny": dict(data="shapes", cache=True, every=500, text="words", text_pretrained=None, sd=None,
+                 unet=dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, attention_levels=2),
+                 prediction_type="v_prediction", zero_terminal_snr=True, snr_gamma=20.0, cfg_scale=3.0, sample_steps=25,
+                 steps=2200, batch_size=16, lr=2e-3, decay="cosine", betas=(0.9, 0.99), ema_decay=0.0),
+    # The paper fine-tunes SD 2.1-base (App. B.3) with its text encoder, OpenCLIP ViT-H-14 trained on LAION-2B,
+    # with the plain loss; SD's scheduler config decides the target and schedule. It guides with w = 7.5
+    # and samples 50 DDIM steps (App. B.4). Fine-tuning SD 2.x in full, as is common practice (the release has
+    # no SD fine-tuning): lr 1e-5 after 500 warm-up steps, AdamW betas (0.9, 0.999), weight decay 1e-2,
+    # gradient clip 1, EMA 0.9999; the paper's batch of 256: 1 x 32 accumulated x 8 GPUs. The step count is
+    # not given; 50k steps of 256 is ours.
+    "paper": dict(data=None, cache=False, every=2000, text="ViT-H-14", text_pretrained="laion2b_s32b_b79k",
+                  sd=SD_MODEL, unet=None, prediction_type=None, zero_terminal_snr=None, snr_gamma=None,
+                  cfg_scale=7.5, sample_steps=50,
+                  steps=50_000, batch_size=1, grad_accum=32, lr=1e-5, warmup=500, weight_decay=1e-2),
+    # Class-conditional UCF-101 from scratch, as the release (train_content_diffusion.py), which guides with
+    # 4.0 and samples 50 ancestral steps on linear betas, predicting eps with a learned sigma. Ours: a UNet of
+    # ADM's size for 64 x 64 ImageNet (Dhariwal & Nichol 2021: widths 192 x (1, 2, 3, 4), 3 blocks, attention
+    # at 32, 16 and 8) for the release's ContentDiT-L/2, about its size (DiT-L/2: 458 M parameters) at a
+    # third of its FLOPs at 64 x 64 (1,024 tokens of width 1,024 in 24 blocks), which one GPU feels; the
+    # class one-hot (BagOfWords); v on the zero-terminal-SNR schedule as the tiny preset (on pixels SD's own
+    # schedule keeps 7% of x_0 in x_T), the plain loss as the release, DDIM. The release's optimiser: AdamW
+    # lr 1e-4, no weight decay, no gradient clipping, EMA 0.9999, for its 1,400 epochs of trainlist01's 9,537
+    # videos at 256: 52k steps; 64 a GPU fits 80 GB.
+    "ucf": dict(data=None, cache=False, every=2000, text="classes", text_pretrained=None, sd=None,
+                unet=dict(block_out_channels=(192, 384, 576, 768), layers_per_block=3, attention_levels=3),
+                prediction_type="v_prediction", zero_terminal_snr=True, snr_gamma=None, cfg_scale=4.0, sample_steps=50,
+                steps=52_000, batch_size=64, grad_accum=4, lr=1e-4, grad_clip=0.0),
+}
+
+
+def content_config(preset, **flags):
+    """The ContentConfig of a preset's row, `flags` (the command line's) in place of its values."""
+    values = {**PRESETS[preset], **flags}
+    return ContentConfig(**{name: values[name] for name in ContentConfig.__dataclass_fields__})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", choices=PRESETS)
+    parser.add_argument("--sd", type=local_or_name, help="Stable Diffusion folder or hub id (its unet/ and scheduler/)")
+    parser.add_argument("--size", choices=[p for p in PRESETS if PRESETS[p]["unet"]],
+                        help="train the UNet from scratch of this preset's row instead")
+    add_latent_args(parser)
+    add_training_args(parser)
+    args = parse_stage_args(parser, "content", PRESETS, argv)
+    config = content_config(args.preset, text=args.text, sd=args.sd, snr_gamma=args.snr_gamma,
+                            unet=PRESETS[args.size or args.preset]["unet"])
+    if args.flops:  # on `meta`, at the sizes of --ae's run or of the preset
+        try:
+            frames, text = flops_sizes(args, config.text)
+        except (OSError, ValueError) as e:
+            fail(e)
+        tokens, width, _ = text_shapes(text)
+        shape = (frames.channels, frames.height, frames.width)
+        with torch.device("meta"):
+            unet = (UNet2DConditionModel(**SD21_UNET_CONFIG) if config.sd
+                    else scratch_unet(config.unet, width, shape[1:], shape[0]))
+        return print_costs("content UNet", unet, training_step(unet, shape, (tokens, width)),
+                           f"batch 1, {' x '.join(map(str, shape))} content frames")
+    rank, device, text_encoder, ae, frame_space, dataset, val_batch = latent_stage(args, config.text,
+                                                                                   config.text_pretrained)
+    shape = (ae.config.channels, ae.config.height, ae.config.width)
+    torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
+    try:
+        unet, schedule = build_unet(config, shape, text_encoder.width)
+    except (OSError, ValueError) as e:
+        fail(e)
+    diffusion = Diffusion(**schedule)
+
+    def loss_fn(model, batch):
+        content_frame, _, captions = encode_videos(ae, frame_space, batch)
+        tokens = text_encoder(drop_prompts(captions))[0]  # guidance: some prompts become ""
+        return diffusion.loss(unet_model_fn(model), content_frame, tokens, config.snr_gamma)
+
+    run_config = {"content": asdict(config), "unet": dict(unet.config), "schedule": schedule,
+                  "text_weights": args.text_weights}
+    ema = train("content", unet, loss_fn, dataset, args, run_config, held_out_loss(loss_fn, val_batch))
+    if rank == 0:  # under torchrun, one process samples the grid
+        prompts = SHOWCASE_PROMPTS if args.data == "shapes" else val_batch[2][:12]
+        tokens, null_tokens = text_encoder(prompts)[0], text_encoder([""] * len(prompts))[0]
+        frames = sample_content_frames(ema, diffusion, tokens, null_tokens, shape, config.sample_steps,
+                                       config.cfg_scale, torch.Generator(device).manual_seed(0))
+        images = frame_space.decode(frames[:, None])[:, 0]  # (n, 3, H, W) pixels
+        path = Path(args.out) / "content-samples.png"
+        columns = 3 if len(images) % 3 == 0 else 1
+        write_image(path, video_to_uint8(rearrange(images, "(row col) c h w -> c (row h) (col w)", col=columns)))
+        print(f"wrote {path}:", "rows red, green, blue, yellow; columns circle, square, triangle"
+              if args.data == "shapes" else "held-out captions " + "; ".join(prompts))
+
+
+def training_step(unet, frame_shape, text_shape, device="meta", batch_size=1):
+    """loss() of one training step of `unet` on random content frames (C, H, W) and text tokens
+    (S, width), made on `device`: what --flops counts and tools/bench.py times."""
+    with torch.device(device):
+        frames, tokens = torch.randn(batch_size, *frame_shape), torch.randn(batch_size, *text_shape)
+    diffusion = Diffusion(prediction_type="v_prediction")
+    return lambda: diffusion.loss(unet_model_fn(unet), frames, tokens)
+
+
+def text_shapes(config):
+    """(tokens per prompt, their width, the pooled width) of a text encoder, from its config (a run's
+    text_encoder.json, or flops_sizes' assumption), without building it: what --flops needs."""
+    if "words" in config or "classes" in config:
+        entries = len(config.get("words") or config["classes"])
+        return 1, entries, entries
+    return config["text_cfg"]["context_length"], config["text_cfg"]["width"], config["embed_dim"]
+
+
+def flops_sizes(args, text):
+    """The sizes --flops counts at, said in one line -> (AE config, text encoder config): those of the run
+    --ae names (its AE, and its text encoder once stage 2 has saved it there), or else the preset's AE at
+    --resolution and the text encoder `text` (a bag of words: the shapes world's)."""
+    saved = Path(args.ae or "", "text_encoder.json")
+    if args.ae and saved.is_file():
+        te_config, text_said = json.loads(saved.read_text()), f"its text encoder ({saved})"
+    elif text in ("words", "classes"):
+        te_config = {"words": WORDS} if text == "words" else {"classes": [f"class {k}" for k in range(101)]}
+        text_said = ("a bag of the shapes world's 24 words" if text == "words" else "UCF-101's 101 classes, one-hot")
+    else:
+        te_config, text_said = text_config(text), f"the text encoder {text}"
+    if args.ae:
+        ae_config = AEConfig(**load_stage(args.ae, "ae")[0]["config"])
+        print(f"sizes of the run {args.ae}: its AE ({' x '.join(map(str, ae_config.video_size))} videos), {text_said}")
+    else:
+        ae_config = preset_config(args.preset, args.resolution)
+        print(f"sizes assumed (no --ae run named): the {args.preset} preset's AE at "
+              f"{'x'.join(map(str, ae_config.video_size))}, {text_said}")
+    return ae_config, te_config
+
+
+# Stable Diffusion 2.1's UNet (unet/config.json of stabilityai/stable-diffusion-2-1), so the full model
+# builds on the `meta` device without a download (--flops, tools/bench.py): 865,910,724 parameters.
 SD21_UNET_CONFIG = dict(
     sample_size=96,  # 768 px / 8; the UNet is convolutional, the paper runs it at 64x128
     in_channels=4, out_channels=4,  # SD-VAE latents
@@ -265,24 +522,187 @@ SD21_UNET_CONFIG = dict(
 )
 
 
-# UNets trained from scratch on pixel content frames: block widths, ResNet blocks a level, and the levels
-# with attention (self-attention, then cross-attention to the text or class). "ucf": ADM's UNet for
-# 64 x 64 ImageNet (Dhariwal & Nichol 2021: widths 192 x (1, 2, 3, 4), 3 blocks, attention at 32, 16
-# and 8), for the release's ContentDiT-L/2: about its size (DiT-L/2: 458 M parameters), a third of its
-# FLOPs at 64 x 64 (1,024 tokens of width 1,024 in 24 blocks), which one GPU feels.
-UNET_SIZES = {
-    "tiny": dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, attention_levels=2),
-    "ucf": dict(block_out_channels=(192, 384, 576, 768), layers_per_block=3, attention_levels=3),
-}
+# Shrinking shapes: their content frame is the shape itself with soft edges, where a moving
+# shape's is a smear along its path and a rotating one's a disc (the weighted sum of Eq. 2).
+SHOWCASE_PROMPTS = [f"a {color} {shape} shrinking on a dark background"
+                    for color in ("red", "green", "blue", "yellow") for shape in ("circle", "square", "triangle")]
 
 
-def scratch_unet(size, cross_attention_dim, sample_size=32, in_channels=3):
-    """A UNet of SD's design (UNET_SIZES[size]), trained from scratch on pixel content frames."""
-    widths, levels = UNET_SIZES[size]["block_out_channels"], UNET_SIZES[size]["attention_levels"]
+# -----------------------------------------------------------------------------
+# 4. Loaders: text encoders, a trained content stage, what stages 2 and 3 start from
+
+def load_open_clip_text_weights(te, path):
+    """Fill te's text tower from an open_clip checkpoint file (.bin/.pt/.safetensors)."""
+    try:  # open_clip's loader unwraps {"state_dict": ...} and DDP's "module." prefixes
+        state = open_clip.factory.load_state_dict(str(path))
+    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path} is not an open_clip checkpoint that torch can read ({str(e).splitlines()[0]})") from e
+    # CLIP checkpoints (ViT-H-14) keep the text tower at the top level, next to "visual.*";
+    # CustomTextCLIP ones put it under "text.".
+    state = {k.removeprefix("text."): v for k, v in state.items()}
+    wanted = te.text.state_dict()
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        raise ValueError(f"{path} holds no open_clip text tower of this config: "
+                         f"missing {missing[:4]} ({len(missing)} keys)")
+    other = [f"{k} {tuple(state[k].shape)} instead of {tuple(v.shape)}" for k, v in wanted.items()
+             if state[k].shape != v.shape]
+    if other:
+        raise ValueError(f"{path} holds the text tower of another model ({other[0]}, and {len(other) - 1} more): "
+                         "pass the --text model it belongs to")
+    te.text.load_state_dict({k: state[k] for k in wanted})
+    return te
+
+
+def text_config(name):
+    """The open_clip model config of a text encoder: 'tiny', an open_clip model name, or a model-config .json."""
+    if name == "tiny":
+        return TINY_TEXT_CONFIG
+    config = json.loads(Path(name).read_text()) if name.endswith(".json") else open_clip.get_model_config(name)
+    if config is None:
+        raise ValueError(f"unknown open_clip model {name!r}: give a name open_clip knows, or a model-config .json")
+    return config
+
+
+def build_text_encoder(name="tiny", weights=None, pretrained=None, seed=0):
+    """'tiny': a random frozen tower (fixed seed). Otherwise an open_clip model name (paper:
+    'ViT-H-14') or an open_clip model-config .json file, loaded from a local checkpoint `weights`,
+    or downloaded by open_clip from its `pretrained` tag (e.g. 'laion2b_s32b_b79k', the one SD 2.x
+    was trained with)."""
+    if name == "tiny":
+        with torch.random.fork_rng(devices=[]):  # same weights every time, global RNG untouched
+            torch.manual_seed(seed)
+            return TextEncoder(TINY_TEXT_CONFIG)
+    config = text_config(name)
+    if pretrained:
+        tag = open_clip.get_pretrained_cfg(name, pretrained)
+        if not tag:
+            raise ValueError(f"open_clip has no pretrained {pretrained!r} for {name}; it has "
+                             f"{open_clip.list_pretrained_tags_by_model(name)}")
+        weights = open_clip.download_pretrained(tag)
+    if weights is None:
+        raise ValueError(f"{name} needs weights: a local open_clip checkpoint (--text-weights) "
+                         "or an open_clip pretrained tag (needs network)")
+    return load_open_clip_text_weights(TextEncoder(config), weights)
+
+
+def save_text_encoder(te, run_dir):
+    """Config (and a text tower's weights) into run_dir, so the run reloads the exact same text features."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Weights first: text_encoder_for_run takes the json's presence to mean the pair is complete
+    # (under torchrun every rank builds the same seeded encoder, and one may read what another saves).
+    if isinstance(te, TextEncoder):
+        save_safetensors_atomic(run_dir / "text_encoder.safetensors", te.text.state_dict())
+    write_json_atomic(run_dir / "text_encoder.json", te.config)
+
+
+def load_text_encoder(run_dir, skip_unknown=False):
+    """The text encoder saved in a run (skip_unknown: BagOfWords')."""
+    config_path, weights_path = Path(run_dir) / "text_encoder.json", Path(run_dir) / "text_encoder.safetensors"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if "classes" in config or "words" in config:
+        return BagOfWords(config, skip_unknown)
+    if not (config and weights_path.is_file()):
+        raise FileNotFoundError(f"{run_dir} has no saved text encoder (text_encoder.json + text_encoder.safetensors)")
+    te = TextEncoder(config)
+    te.text.load_state_dict(load_file(weights_path))
+    return te
+
+
+# Text encoders that exist only in their run: the random tiny tower, and BagOfWords' words or classes.
+# Training saves them into the run directory once; every later stage and sample.py reloads them there.
+SAVED_IN_RUN = ("tiny", "words", "classes")
+
+
+def text_encoder_for_run(run_dir, text, pretrained=None, text_weights=None, captions=()):
+    """The text encoder `text` (ContentConfig.text) that stages 2 and 3 train with, shared through the run
+    (SAVED_IN_RUN: made and saved the first time). A bag of words or classes is made from `captions`, every
+    caption of the listing, training and held-out alike, so that a held-out video's caption is known too."""
+    if (Path(run_dir) / "text_encoder.json").is_file():
+        return load_text_encoder(run_dir, skip_unknown=True)
+    if text == "words":
+        words, dropped = word_vocabulary(captions)
+        if dropped:
+            print(f"warning: the captions hold {len(words) + dropped:,} different words; the bag of words keeps "
+                  f"the {len(words):,} most frequent and drops {dropped:,} rarer ones, which training skips")
+        te = BagOfWords({"words": words}, skip_unknown=True)
+    elif text == "classes":
+        te = BagOfWords({"classes": sorted({class_caption(caption) for caption in captions})})
+    else:
+        te = build_text_encoder(text, weights=text_weights, pretrained=None if text_weights else pretrained)
+    if text in SAVED_IN_RUN:
+        save_text_encoder(te, run_dir)
+    return te
+
+
+def load_content(run_dir, device="cpu", text_weights=None):
+    """A trained content stage from a run directory -> (text encoder, EMA UNet, Diffusion, config)."""
+    info, state = load_stage(run_dir, "content")
+    config = ContentConfig(**info["config"]["content"])
+    unet = UNet2DConditionModel.from_config(info["config"]["unet"])
+    unet.load_state_dict(state)
+    if config.text in SAVED_IN_RUN:  # loading never writes into the run
+        try:
+            te = load_text_encoder(run_dir)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{run_dir} is incomplete: its content stage was trained with the text encoder "
+                                    f"that training saves into the run ({e}); copy it from the run it was trained "
+                                    "in, or train this stage again") from e
+    else:
+        te = text_encoder_for_run(run_dir, config.text, config.text_pretrained,
+                                  text_weights or info["config"].get("text_weights"))
+    diffusion = Diffusion(**info["config"]["schedule"])
+    return te.to(device), unet.to(device).eval().requires_grad_(False), diffusion, config
+
+
+def latent_stage(args, text, text_pretrained=None):
+    """What stages 2 and 3 start from: (rank, device, the run's text encoder (`text`, text_encoder_for_run),
+    the frozen AE and its frame space, the training data and a held-out batch of latent_data). A bad input
+    is a one-line error."""
+    try:
+        rank, _, device = setup_distributed()
+        ae, frame_space = load_ae(args.ae or args.out, device)
+        dataset, val_set = train_and_val_videos(args, ae.config.frames, ae.config.video_size)
+        if text == "classes" and not hasattr(dataset, "items"):
+            raise ValueError(f"the {args.preset} preset learns the classes of listed videos: --data wants a folder "
+                             "of class folders (UCF-101) or a CSV of path,class")
+        captions = listing_captions(dataset) + listing_captions(val_set)
+        text_encoder = text_encoder_for_run(args.out, text, text_pretrained, args.text_weights, captions)
+        text_encoder = text_encoder.to(device)
+        if rank == 0 and isinstance(text_encoder, BagOfWords):
+            print(describe_vocabulary(text_encoder, listing_captions(dataset), Path(args.out) / "text_encoder.json"))
+        dataset, val_batch = latent_data(args, ae, frame_space, dataset, val_set, device)
+    except (OSError, ValueError, RuntimeError) as e:
+        fail(e)
+    return rank, device, text_encoder, ae, frame_space, dataset, val_batch
+
+
+def describe_vocabulary(bag, training_captions, path, shown=40):
+    """One line: what a BagOfWords knows, and the classes no training video shows (held out only)."""
+    entries = bag.config[bag.kind]
+    line = f"text: a bag of {len(entries)} {bag.kind} ({path}): {', '.join(entries[:shown])}"
+    line += f", ... ({len(entries) - shown} more)" if len(entries) > shown else ""
+    if bag.kind == "classes":
+        trained = {class_caption(caption) for caption in training_captions}
+        unseen = [entry for entry in entries if entry not in trained]
+        line += f"; no training video of {len(unseen)}: {', '.join(unseen)}" if unseen else ""
+    return line
+
+
+# -----------------------------------------------------------------------------
+# 5. Not the paper's method: what the tiny and ucf presets train from scratch, a UNet of SD's design and
+# the prompt as a bag of words (or the class one-hot), and a small open_clip tower (--text tiny)
+
+def scratch_unet(shape, cross_attention_dim, sample_size=32, in_channels=3):
+    """A UNet of SD's design, trained from scratch on pixel content frames: `shape` is a PRESETS row's
+    `unet`, its block widths, ResNet blocks a level, and the levels with attention (self-attention, then
+    cross-attention to the text or class)."""
+    widths, levels = shape["block_out_channels"], shape["attention_levels"]
     down = ("DownBlock2D",) * (len(widths) - levels) + ("CrossAttnDownBlock2D",) * levels  # attention where coarse
     return UNet2DConditionModel(
         sample_size=sample_size, in_channels=in_channels, out_channels=in_channels, block_out_channels=widths,
-        layers_per_block=UNET_SIZES[size]["layers_per_block"], norm_num_groups=min(32, widths[0] // 2),
+        layers_per_block=shape["layers_per_block"], norm_num_groups=min(32, widths[0] // 2),
         down_block_types=down, up_block_types=tuple(block.replace("Down", "Up") for block in reversed(down)),
         attention_head_dim=8,  # 8 heads (see SD21_UNET_CONFIG)
         cross_attention_dim=cross_attention_dim,
@@ -298,14 +718,6 @@ def scratch_unet(size, cross_attention_dim, sample_size=32, in_channels=3):
     )
 
 
-def unet_model_fn(unet):
-    """The UNet as a Diffusion model_fn(x, t, cond), cond = text tokens (B, 77, width)."""
-    return lambda x, t, tokens: unet(x, t, encoder_hidden_states=tokens).sample
-
-
-# -----------------------------------------------------------------------------
-# 3. Text encoder: OpenCLIP text tower, used the way Stable Diffusion 2.x uses it
-
 # Same format as open_clip.get_model_config("ViT-H-14"), at toy size. The vocabulary stays
 # CLIP's (49408) because the tokenizer is CLIP's. The context is 24 tokens, not the 77 that SD
 # expects: a shapes caption takes at most 18, and the cross-attention of the UNet and the DiT (a
@@ -314,52 +726,6 @@ def unet_model_fn(unet):
 TINY_TEXT_CONFIG = {"embed_dim": 64,
                     "text_cfg": {"context_length": 24, "vocab_size": 49408,
                                  "width": 64, "heads": 4, "layers": 2}}
-
-
-class TextEncoder(nn.Module):
-    """Frozen CLIP text tower: prompts -> (tokens (B, context, width), pooled (B, embed_dim)).
-
-    tokens: output of the penultimate transformer block, then the final LayerNorm. This is
-      what SD 2.x cross-attends to (its UNet was trained on exactly these features).
-    pooled: the usual CLIP text embedding (last block, final LayerNorm, end-of-text token,
-      text_projection). SD's UNet ignores it; the motion DiT uses it as a global condition.
-    Only the text tower is built (no vision tower), straight from an open_clip model config.
-    """
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config  # {"embed_dim": ..., "text_cfg": {...}}, as open_clip's model configs
-        if config["text_cfg"]["layers"] < 2:
-            raise ValueError("the text tower needs >= 2 layers: SD reads the penultimate one")
-        self.text = TextTransformer(output_dim=config["embed_dim"], **config["text_cfg"])
-        self.tokenizer = open_clip.SimpleTokenizer(context_length=self.text.context_length)
-        self.width, self.embed_dim = self.text.width, config["embed_dim"]
-        self.requires_grad_(False).eval()  # frozen, as when SD 2.x was trained
-
-    def tokenize(self, prompts):
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f"prompts must be a list of str, got {prompts!r}")
-        n = self.text.context_length
-        for p in prompts:
-            if p and not p.strip():
-                raise ValueError(f"blank prompt {p!r}: use '' for the unconditional prompt")
-            length = len(self.tokenizer.encode(p)) + 2  # + start and end-of-text tokens
-            if length > n:
-                warnings.warn(f"prompt of {length} tokens truncated to {n}: {p[:60]!r}...")
-        return self.tokenizer(prompts)  # (B, context) int64, zero-padded, truncated to the context
-
-    @torch.no_grad()
-    def forward(self, prompts):
-        t = self.text
-        ids = self.tokenize(prompts).to(t.positional_embedding.device)
-        x = t.token_embedding(ids) + t.positional_embedding  # (B, context, width)
-        for block in t.transformer.resblocks[:-1]:
-            x = block(x, attn_mask=t.attn_mask)  # causal mask, as CLIP was trained
-        tokens = t.ln_final(x)  # SD 2.x: layer="penultimate"
-        x = t.ln_final(t.transformer.resblocks[-1](x, attn_mask=t.attn_mask))
-        eot = ids.argmax(dim=-1)  # end-of-text has the largest id in CLIP's vocabulary
-        pooled = x[torch.arange(len(ids), device=x.device), eot] @ t.text_projection
-        return tokens, pooled
 
 
 def caption_words(text):
@@ -429,449 +795,30 @@ class BagOfWords(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 4. Sampling, presets and training: fine-tune (paper) or train (tiny) the UNet on the AE's content frames
+# 6. Speed engineering: each DDIM step a CUDA graph (on a GPU)
 
-@torch.no_grad()
-def sample_content_frames(unet, diffusion, tokens, null_tokens, shape, steps, cfg_scale, generator=None,
-                          progress=True, cuda_graph=True):
-    """Algorithm 1, step 2: content frames x̄_0 (B, *shape) from x̄_T ~ N(0, I) by guided DDIM on the UNet,
-    given the text tokens (B, S, width) of the prompts and of "" (the unconditional branch)."""
-    return diffusion.ddim_sample(unet_model_fn(unet), (len(tokens), *shape), tokens, null_tokens, steps=steps,
-                                 cfg_scale=cfg_scale, generator=generator, progress=progress, desc="content",
-                                 cuda_graph=cuda_graph)
+def cuda_graphed(fn, *inputs):
+    """fn, recorded once as a CUDA graph on example inputs, then replayed: each call copies its inputs into
+    the recorded ones and relaunches the recorded kernels at once. A DDIM step of a small batch (a 512-token
+    DiT, SD at 64 x 128) otherwise waits on Python and on thousands of kernel launches. Calls keep the
+    example's shapes, and fn must not wait on the GPU (no .item() on its tensors)."""
+    static = [x.clone() for x in inputs]
+    side = torch.cuda.Stream()  # warm up off the main stream, as torch.cuda.graph wants
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # cuBLAS and cuDNN pick their kernels, the allocator its blocks
+            fn(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn(*static)
 
-
-@dataclass
-class ContentConfig:
-    text: str = "words"  # "words" or "classes" (BagOfWords), an open_clip model name or model-config .json, or
-    # "tiny" (a small open_clip text tower with random weights)
-    text_pretrained: str | None = None  # open_clip pretrained tag (needs network)
-    sd: str | None = None  # SD folder or hub id; None: a UNet from scratch, of size UNET_SIZES[unet]
-    unet: str = "tiny"
-    # a UNet from scratch only (with `sd`, SD's scheduler config decides): v, as SD 2.1 (768) predicts;
-    # unlike eps, it stays a well-scaled target at both ends of the schedule
-    prediction_type: str = "v_prediction"
-    # ... on a schedule rescaled to zero terminal SNR (Diffusion, Lin et al. 2024): x_T is pure noise in
-    # training, as where sampling starts; on pixels SD's schedule leaves 7% of x_0 in x_T
-    zero_terminal_snr: bool = True
-    # Min-SNR-gamma loss weights (Diffusion.loss), for training from scratch on a small budget; the
-    # paper fine-tunes SD with the plain loss. With v on the zero-SNR schedule a step's weight is
-    # min(SNR, gamma) / (SNR + 1): the plain loss (gamma = inf) leaves the noisiest steps, which set the
-    # layout, almost untrained; a small gamma the cleanest, which draw the edges. 20 trains both
-    snr_gamma: float | None = 20.0
-    cfg_scale: float = 3.0  # guidance of the tiny preset's samples
-    sample_steps: int = 50  # paper: 50 DDIM steps
-
-
-PRESETS = {
-    "tiny": ContentConfig(sample_steps=25),  # as good as 50 on the shapes world (docs/results.md)
-    # the paper fine-tunes SD 2.1-base (App. B.3) with its text encoder, and guides with w = 7.5 (B.4)
-    "paper": ContentConfig(text="ViT-H-14", text_pretrained="laion2b_s32b_b79k", snr_gamma=None, sd=SD_MODEL,
-                           cfg_scale=7.5),
-    # Class-conditional UCF-101 from scratch, as the release (train_content_diffusion.py), which guides with
-    # 4.0 and samples 50 ancestral steps on linear betas, predicting eps with a learned sigma. Ours: our
-    # UNet at ADM's size (UNET_SIZES) for the release's ContentDiT-L/2, v on the zero-terminal-SNR schedule
-    # as the tiny preset (x_T pure noise: on pixels SD's own schedule keeps 7% of x_0), the plain loss as
-    # the release, DDIM.
-    "ucf": ContentConfig(text="classes", unet="ucf", snr_gamma=None, cfg_scale=4.0),
-}
-
-
-# Training defaults per preset, on top of data.PRESET_DATA; the flags of data.add_training_args override them.
-DEFAULTS = {
-    # Sized for the shapes world on a laptop CPU, with the latent cache (docs/results.md has the runs:
-    # batch 16 for more steps learned the shapes better than batch 32, lr 2e-3 better than 1e-3). No
-    # weight averaging: a run this short improves faster than an average of its recent weights.
-    "tiny": dict(steps=2200, batch_size=16, lr=2e-3, decay="cosine", betas=(0.9, 0.99), ema_decay=0.0),
-    # Fine-tuning SD 2.x in full, as is common practice (the release has no SD fine-tuning): lr 1e-5
-    # after 500 warm-up steps, AdamW betas (0.9, 0.999), weight decay 1e-2, gradient clip 1, EMA 0.9999.
-    # The step count is not given; 50k steps of 256 is ours.
-    "paper": dict(steps=50_000, lr=1e-5, warmup=500, weight_decay=1e-2),
-    # The release's (train_content_diffusion.py): AdamW lr 1e-4, no weight decay, no gradient clipping,
-    # EMA 0.9999, and its 1,400 epochs of trainlist01's 9,537 videos at 256: 52k steps. 64 a GPU fits 80 GB.
-    "ucf": dict(steps=52_000, batch_size=64, grad_accum=4, lr=1e-4, grad_clip=0.0),
-}
-
-
-def training_step(unet, frame_shape, text_shape, device="meta", batch_size=1):
-    """loss() of one training step of `unet` on random content frames (C, H, W) and text tokens
-    (S, width), made on `device`: what --flops counts and tools/bench.py times."""
-    with torch.device(device):
-        frames, tokens = torch.randn(batch_size, *frame_shape), torch.randn(batch_size, *text_shape)
-    diffusion = Diffusion(prediction_type="v_prediction")
-    return lambda: diffusion.loss(unet_model_fn(unet), frames, tokens)
-
-
-def build_unet(config, frame_shape, text_width):
-    """The UNet to train and its noise schedule: Stable Diffusion's, fine-tuned as it is with
-    no new parameters (the paper), or one trained from scratch on pixel content frames (tiny, ucf)."""
-    if config.sd is None:
-        schedule = {"prediction_type": config.prediction_type, "rescale_betas_zero_snr": config.zero_terminal_snr,
-                    "set_alpha_to_one": True}
-        return scratch_unet(config.unet, text_width, frame_shape[1:], frame_shape[0]), schedule
-    unet, schedule = load_sd_unet(config.sd)
-    if unet.config.in_channels != frame_shape[0] or unet.config.cross_attention_dim != text_width:
-        raise ValueError(f"{config.sd} takes {unet.config.in_channels}-channel frames and "
-                         f"{unet.config.cross_attention_dim}-wide text tokens; the AE makes {frame_shape[0]}-channel "
-                         f"frames and the text encoder {text_width}-wide tokens")
-    return unet, schedule
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", choices=PRESETS)
-    parser.add_argument("--sd", type=local_or_name, help="Stable Diffusion folder or hub id (its unet/ and scheduler/)")
-    parser.add_argument("--size", choices=UNET_SIZES, help="override the preset's UNet from scratch (UNET_SIZES)")
-    add_latent_args(parser)
-    add_training_args(parser)
-    args = parse_stage_args(parser, "content", DEFAULTS, argv)
-    preset = PRESETS[args.preset]
-    config = replace(preset, sd=args.sd or preset.sd, text=args.text or preset.text, unet=args.size or preset.unet,
-                     snr_gamma=preset.snr_gamma if args.snr_gamma is None else args.snr_gamma or None)
-    if args.flops:  # on `meta`, at the sizes of --ae's run or of the preset
-        try:
-            frames, text = flops_sizes(args, config.text)
-        except (OSError, ValueError) as e:
-            fail(e)
-        tokens, width, _ = text_shapes(text)
-        shape = (frames.channels, frames.height, frames.width)
-        with torch.device("meta"):
-            unet = (UNet2DConditionModel(**SD21_UNET_CONFIG) if config.sd
-                    else scratch_unet(config.unet, width, shape[1:], shape[0]))
-        return print_costs("content UNet", unet, training_step(unet, shape, (tokens, width)),
-                           f"batch 1, {' x '.join(map(str, shape))} content frames")
-    rank, device, text_encoder, ae, frame_space, dataset, val_batch = latent_stage(args, config)
-    shape = (ae.config.channels, ae.config.height, ae.config.width)
-    torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
-    try:
-        unet, schedule = build_unet(config, shape, text_encoder.width)
-    except (OSError, ValueError) as e:
-        fail(e)
-    diffusion = Diffusion(**schedule)
-
-    def loss_fn(model, batch):
-        content_frame, _, captions = encode_videos(ae, frame_space, batch)
-        tokens = text_encoder(drop_prompts(captions))[0]  # guidance: some prompts become ""
-        return diffusion.loss(unet_model_fn(model), content_frame, tokens, config.snr_gamma)
-
-    run_config = {"content": asdict(config), "unet": dict(unet.config), "schedule": schedule,
-                  "text_weights": args.text_weights}
-    ema = train("content", unet, loss_fn, dataset, args, run_config, held_out_loss(loss_fn, val_batch))
-    if rank == 0:  # under torchrun, one process samples the grid
-        prompts = SHOWCASE_PROMPTS if args.data == "shapes" else val_batch[2][:12]
-        tokens, null_tokens = text_encoder(prompts)[0], text_encoder([""] * len(prompts))[0]
-        frames = sample_content_frames(ema, diffusion, tokens, null_tokens, shape, config.sample_steps,
-                                       config.cfg_scale, torch.Generator(device).manual_seed(0))
-        images = frame_space.decode(frames[:, None])[:, 0]  # (n, 3, H, W) pixels
-        path = Path(args.out) / "content-samples.png"
-        columns = 3 if len(images) % 3 == 0 else 1
-        write_image(path, video_to_uint8(rearrange(images, "(row col) c h w -> c (row h) (col w)", col=columns)))
-        print(f"wrote {path}:", "rows red, green, blue, yellow; columns circle, square, triangle"
-              if args.data == "shapes" else "held-out captions " + "; ".join(prompts))
-
-
-# Shrinking shapes: their content frame is the shape itself with soft edges, where a moving
-# shape's is a smear along its path and a rotating one's a disc (the weighted sum of Eq. 2).
-SHOWCASE_PROMPTS = [f"a {color} {shape} shrinking on a dark background"
-                    for color in ("red", "green", "blue", "yellow") for shape in ("circle", "square", "triangle")]
-
-
-# -----------------------------------------------------------------------------
-# 5. Loading: Stable Diffusion's UNet, open_clip text weights, a trained content stage
-
-def load_sd_unet(path_or_id):
-    """Stable Diffusion's UNet and its training noise schedule, from a diffusers folder or hub id.
-
-    Returns (unet, schedule) where schedule holds the keyword arguments of Diffusion.
-    """
-    check_sd_folder(path_or_id, ("unet", "scheduler"))
-    try:
-        unet = UNet2DConditionModel.from_pretrained(path_or_id, subfolder="unet", low_cpu_mem_usage=False)
-        config = DDIMScheduler.load_config(path_or_id, subfolder="scheduler")
-    except OSError as e:
-        where = "local folder" if os.path.isdir(path_or_id) else "no local folder; Hugging Face hub"
-        raise OSError(f"could not load Stable Diffusion from {path_or_id!r} ({where}): {e}") from e
-    if config.get("beta_schedule") != "scaled_linear":
-        raise ValueError(f"{path_or_id}: beta_schedule {config.get('beta_schedule')!r}; "
-                         "Diffusion implements SD's 'scaled_linear' only")
-    schedule = dict(prediction_type=config.get("prediction_type", "epsilon"),  # SD 1.x: no key
-                    num_train_timesteps=config["num_train_timesteps"],
-                    beta_start=config["beta_start"], beta_end=config["beta_end"],
-                    steps_offset=config.get("steps_offset", 0),
-                    rescale_betas_zero_snr=config.get("rescale_betas_zero_snr", False),
-                    set_alpha_to_one=config.get("set_alpha_to_one", True))  # diffusers' default
-    return unet, schedule
-
-
-def load_open_clip_text_weights(te, path):
-    """Fill te's text tower from an open_clip checkpoint file (.bin/.pt/.safetensors)."""
-    try:  # open_clip's loader unwraps {"state_dict": ...} and DDP's "module." prefixes
-        state = open_clip.factory.load_state_dict(str(path))
-    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{path} is not an open_clip checkpoint that torch can read ({str(e).splitlines()[0]})") from e
-    # CLIP checkpoints (ViT-H-14) keep the text tower at the top level, next to "visual.*";
-    # CustomTextCLIP ones put it under "text.".
-    state = {k.removeprefix("text."): v for k, v in state.items()}
-    wanted = te.text.state_dict()
-    missing = [k for k in wanted if k not in state]
-    if missing:
-        raise ValueError(f"{path} holds no open_clip text tower of this config: "
-                         f"missing {missing[:4]} ({len(missing)} keys)")
-    other = [f"{k} {tuple(state[k].shape)} instead of {tuple(v.shape)}" for k, v in wanted.items()
-             if state[k].shape != v.shape]
-    if other:
-        raise ValueError(f"{path} holds the text tower of another model ({other[0]}, and {len(other) - 1} more): "
-                         "pass the --text model it belongs to")
-    te.text.load_state_dict({k: state[k] for k in wanted})
-    return te
-
-
-def text_config(name):
-    """The open_clip model config of a text encoder: 'tiny', an open_clip model name, or a model-config .json."""
-    if name == "tiny":
-        return TINY_TEXT_CONFIG
-    config = json.loads(Path(name).read_text()) if name.endswith(".json") else open_clip.get_model_config(name)
-    if config is None:
-        raise ValueError(f"unknown open_clip model {name!r}: give a name open_clip knows, or a model-config .json")
-    return config
-
-
-def text_shapes(config):
-    """(tokens per prompt, their width, the pooled width) of a text encoder, from its config (a run's
-    text_encoder.json, or flops_sizes' assumption), without building it: what --flops needs."""
-    if "words" in config or "classes" in config:
-        entries = len(config.get("words") or config["classes"])
-        return 1, entries, entries
-    return config["text_cfg"]["context_length"], config["text_cfg"]["width"], config["embed_dim"]
-
-
-def flops_sizes(args, text):
-    """The sizes --flops counts at, said in one line -> (AE config, text encoder config): those of the run
-    --ae names (its AE, and its text encoder once stage 2 has saved it there), or else the preset's AE at
-    --resolution and the text encoder `text` (a bag of words: the shapes world's)."""
-    saved = Path(args.ae or "", "text_encoder.json")
-    if args.ae and saved.is_file():
-        te_config, text_said = json.loads(saved.read_text()), f"its text encoder ({saved})"
-    elif text in ("words", "classes"):
-        te_config = {"words": WORDS} if text == "words" else {"classes": [f"class {k}" for k in range(101)]}
-        text_said = ("a bag of the shapes world's 24 words" if text == "words" else "UCF-101's 101 classes, one-hot")
-    else:
-        te_config, text_said = text_config(text), f"the text encoder {text}"
-    if args.ae:
-        ae_config = AEConfig(**load_stage(args.ae, "ae")[0]["config"])
-        print(f"sizes of the run {args.ae}: its AE ({' x '.join(map(str, ae_config.video_size))} videos), {text_said}")
-    else:
-        ae_config = config_at(AE_PRESETS[args.preset], args.resolution)
-        print(f"sizes assumed (no --ae run named): the {args.preset} preset's AE at "
-              f"{'x'.join(map(str, ae_config.video_size))}, {text_said}")
-    return ae_config, te_config
-
-
-def build_text_encoder(name="tiny", weights=None, pretrained=None, seed=0):
-    """'tiny': a random frozen tower (fixed seed). Otherwise an open_clip model name (paper:
-    'ViT-H-14') or an open_clip model-config .json file, loaded from a local checkpoint `weights`,
-    or downloaded by open_clip from its `pretrained` tag (e.g. 'laion2b_s32b_b79k', the one SD 2.x
-    was trained with)."""
-    if name == "tiny":
-        with torch.random.fork_rng(devices=[]):  # same weights every time, global RNG untouched
-            torch.manual_seed(seed)
-            return TextEncoder(TINY_TEXT_CONFIG)
-    config = text_config(name)
-    if pretrained:
-        tag = open_clip.get_pretrained_cfg(name, pretrained)
-        if not tag:
-            raise ValueError(f"open_clip has no pretrained {pretrained!r} for {name}; it has "
-                             f"{open_clip.list_pretrained_tags_by_model(name)}")
-        weights = open_clip.download_pretrained(tag)
-    if weights is None:
-        raise ValueError(f"{name} needs weights: a local open_clip checkpoint (--text-weights) "
-                         "or an open_clip pretrained tag (needs network)")
-    return load_open_clip_text_weights(TextEncoder(config), weights)
-
-
-def save_text_encoder(te, run_dir):
-    """Config (and a text tower's weights) into run_dir, so the run reloads the exact same text features."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # Weights first: text_encoder_for_run takes the json's presence to mean the pair is complete
-    # (under torchrun every rank builds the same seeded encoder, and one may read what another saves).
-    if isinstance(te, TextEncoder):
-        save_safetensors_atomic(run_dir / "text_encoder.safetensors", te.text.state_dict())
-    write_json_atomic(run_dir / "text_encoder.json", te.config)
-
-
-def load_text_encoder(run_dir, skip_unknown=False):
-    """The text encoder saved in a run (skip_unknown: BagOfWords')."""
-    config_path, weights_path = Path(run_dir) / "text_encoder.json", Path(run_dir) / "text_encoder.safetensors"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    if "classes" in config or "words" in config:
-        return BagOfWords(config, skip_unknown)
-    if not (config and weights_path.is_file()):
-        raise FileNotFoundError(f"{run_dir} has no saved text encoder (text_encoder.json + text_encoder.safetensors)")
-    te = TextEncoder(config)
-    te.text.load_state_dict(load_file(weights_path))
-    return te
-
-
-# Text encoders that exist only in their run: the random tiny tower, and BagOfWords' words or classes.
-# Training saves them into the run directory once; every later stage and sample.py reloads them there.
-SAVED_IN_RUN = ("tiny", "words", "classes")
-
-
-def text_encoder_for_run(run_dir, config, text_weights=None, captions=()):
-    """The text encoder that stages 2 and 3 train with, shared through the run (SAVED_IN_RUN: made and
-    saved the first time). A bag of words or classes is made from `captions`, every caption of the
-    listing, training and held-out alike, so that a held-out video's caption is known too."""
-    if (Path(run_dir) / "text_encoder.json").is_file():
-        return load_text_encoder(run_dir, skip_unknown=True)
-    if config.text == "words":
-        words, dropped = word_vocabulary(captions)
-        if dropped:
-            print(f"warning: the captions hold {len(words) + dropped:,} different words; the bag of words keeps "
-                  f"the {len(words):,} most frequent and drops {dropped:,} rarer ones, which training skips")
-        te = BagOfWords({"words": words}, skip_unknown=True)
-    elif config.text == "classes":
-        te = BagOfWords({"classes": sorted({class_caption(caption) for caption in captions})})
-    else:
-        te = build_text_encoder(config.text, weights=text_weights,
-                                pretrained=None if text_weights else config.text_pretrained)
-    if config.text in SAVED_IN_RUN:
-        save_text_encoder(te, run_dir)
-    return te
-
-
-def load_content(run_dir, device="cpu", text_weights=None):
-    """A trained content stage from a run directory -> (text encoder, EMA UNet, Diffusion, config)."""
-    info, state = load_stage(run_dir, "content")
-    config = ContentConfig(**info["config"]["content"])
-    unet = UNet2DConditionModel.from_config(info["config"]["unet"])
-    unet.load_state_dict(state)
-    if config.text in SAVED_IN_RUN:  # loading never writes into the run
-        try:
-            te = load_text_encoder(run_dir)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"{run_dir} is incomplete: its content stage was trained with the text encoder "
-                                    f"that training saves into the run ({e}); copy it from the run it was trained "
-                                    "in, or train this stage again") from e
-    else:
-        te = text_encoder_for_run(run_dir, config, text_weights or info["config"].get("text_weights"))
-    diffusion = Diffusion(**info["config"]["schedule"])
-    return te.to(device), unet.to(device).eval().requires_grad_(False), diffusion, config
-
-
-# -----------------------------------------------------------------------------
-# 6. What stages 2 and 3 share: they train on what the frozen AE makes of each video, its content
-# frame and motion latent, encoded batch by batch on the fly, or read from a cache encoded once.
-
-def add_latent_args(parser):
-    """Flags of the stages that train on the AE's latents (content.py, motion.py)."""
-    parser.add_argument("--ae", default=None, help="run directory of a trained AE (default: --out)")
-    parser.add_argument("--cache", action=argparse.BooleanOptionalAction,
-                        help="encode the dataset with the AE once, keep it as <out>/latents.safetensors (a "
-                             "fixed clip per video: for small datasets; WebVid-scale data is encoded on the fly)")
-    parser.add_argument("--text", type=local_or_name, help='the text encoder: "words", "tiny", an open_clip model '
-                                                           "name or model-config .json (default: the preset's)")
-    parser.add_argument("--text-weights", type=local_or_name, help="local open_clip checkpoint of the text encoder")
-    parser.add_argument("--snr-gamma", type=float, help="Min-SNR-gamma loss weights, 0 for the plain loss "
-                                                        "(default: the preset's)")
-
-
-def latent_stage(args, config):
-    """What stages 2 and 3 start from: (rank, device, the run's text encoder, the frozen AE and its frame
-    space, the training data and a held-out batch of latent_data). A bad input is a one-line error."""
-    try:
-        rank, _, device = setup_distributed()
-        ae, frame_space = load_ae(args.ae or args.out, device)
-        dataset, val_set = train_and_val_videos(args, ae.config.frames, ae.config.video_size)
-        if config.text == "classes" and not hasattr(dataset, "items"):
-            raise ValueError(f"the {args.preset} preset learns the classes of listed videos: --data wants a folder "
-                             "of class folders (UCF-101) or a CSV of path,class")
-        captions = listing_captions(dataset) + listing_captions(val_set)
-        text_encoder = text_encoder_for_run(args.out, config, args.text_weights, captions).to(device)
-        if rank == 0 and isinstance(text_encoder, BagOfWords):
-            print(describe_vocabulary(text_encoder, listing_captions(dataset), Path(args.out) / "text_encoder.json"))
-        dataset, val_batch = latent_data(args, ae, frame_space, dataset, val_set, device)
-    except (OSError, ValueError, RuntimeError) as e:
-        fail(e)
-    return rank, device, text_encoder, ae, frame_space, dataset, val_batch
-
-
-def describe_vocabulary(bag, training_captions, path, shown=40):
-    """One line: what a BagOfWords knows, and the classes no training video shows (held out only)."""
-    entries = bag.config[bag.kind]
-    line = f"text: a bag of {len(entries)} {bag.kind} ({path}): {', '.join(entries[:shown])}"
-    line += f", ... ({len(entries) - shown} more)" if len(entries) > shown else ""
-    if bag.kind == "classes":
-        trained = {class_caption(caption) for caption in training_captions}
-        unseen = [entry for entry in entries if entry not in trained]
-        line += f"; no training video of {len(unseen)}: {', '.join(unseen)}" if unseen else ""
-    return line
-
-
-def encode_videos(ae, frame_space, batch):
-    """A training batch for stages 2 and 3 -> (content_frame, motion_latent, captions).
-
-    The batch is either (videos, captions) from a video dataset, encoded here by the frozen
-    AE, or (content_frames, motion_latents, captions) from a cache written by cache_latents."""
-    if len(batch) == 3:
-        return batch
-    videos, captions = batch
-    with torch.no_grad():
-        content_frame, motion_latent = ae.encode(frame_space.encode(videos))
-    return content_frame, motion_latent, captions
-
-
-@torch.no_grad()
-def latent_data(args, ae, frame_space, dataset, val_set, device, val_videos=32):
-    """Stage 2 and 3's data: the training videos (or, with --cache, their content frames and motion
-    latents) and a fixed batch of the held-out ones, encoded once: (content frames, motion latents,
-    captions)."""
-    videos, captions = first_items(val_set, val_videos)
-    encoded = [ae.encode(frame_space.encode(chunk.to(device))) for chunk in videos.split(args.batch_size)]
-    val_batch = [torch.cat([c for c, _ in encoded]), torch.cat([m for _, m in encoded]), list(captions)]
-    if not args.cache:
-        return dataset, val_batch
-    # What the cache was made from: the AE's exact weights and the videos. Another AE or other
-    # videos make it stale, and it is encoded again.
-    ae_weights = Path(args.ae or args.out) / "ae.safetensors"
-    source = {"ae_sha256": hashlib.sha256(ae_weights.read_bytes()).hexdigest(), "data": str(args.data),
-              "videos": len(dataset), "seed": args.seed}
-    # One worker on a CPU draws (or decodes) the next videos while the AE encodes these.
-    return cache_latents(ae, frame_space, dataset, Path(args.out) / "latents.safetensors", device, source,
-                         loader_workers(args, device, on_cpu=1)), val_batch
-
-
-@torch.no_grad()
-def cache_latents(ae, frame_space, dataset, path, device, source, workers=0, batch_size=64):
-    """Encode every video of `dataset` once and keep the result on disk: stages 2 and 3 then
-    train without running the AE (or the SD VAE) again. `source` (a JSON-able dict) says what
-    the cache is made from; a cache made from anything else is encoded again. Under torchrun
-    rank 0 encodes and the others wait. Returns a dataset of (content_frame, motion_latent, caption)."""
-    path, source = Path(path), json.dumps(source, sort_keys=True)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    up_to_date = False
-    if path.is_file():
-        with safe_open(path, "pt") as f:
-            up_to_date = f.metadata().get("source") == source
-        if not up_to_date and rank == 0:
-            print(f"{path} was encoded by another AE or from other videos: encoding it again")
-    if rank == 0 and not up_to_date:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        content, motion, captions = [], [], []
-        for videos, texts in tqdm(DataLoader(dataset, batch_size=batch_size, num_workers=workers),
-                                  desc=f"caching {path.name}"):
-            content_frames, motion_latents = ae.encode(frame_space.encode(videos.to(device)))
-            content.append(content_frames.cpu())
-            motion.append(motion_latents.cpu())
-            captions.extend(texts)
-        tensors = {"content_frames": torch.cat(content), "motion_latents": torch.cat(motion)}
-        save_safetensors_atomic(path, tensors, {"captions": json.dumps(captions), "source": source})
-    if dist.is_initialized():
-        dist.barrier()
-    with safe_open(path, "pt") as f:
-        captions = json.loads(f.metadata()["captions"])
-        content, motion = f.get_tensor("content_frames"), f.get_tensor("motion_latents")
-    return [(c, m, caption) for c, m, caption in zip(content, motion, captions)]
+    def replay(*args):
+        for recorded, new in zip(static, args):
+            recorded.copy_(new)
+        graph.replay()
+        return output.clone()  # the next replay overwrites `output`
+    return replay
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
   video I/O          read_video (all frames, or one clip), write_video (.mp4, .gif), write_image,
                      video_to_uint8 / uint8_to_video: uint8 (L, H, W, 3) <-> float (L, 3, H, W) in [-1, 1]
   the shapes world   ShapesDataset: coloured shapes that move, with captions (the tiny preset's data)
-  video files        VideoCSVDataset (path,caption; WebVid), VideoFolderDataset (UCF-101), make_dataset
-  the command line   fail (a one-line error), the training flags, PRESET_DATA, parse_stage_args
+  video files        VideoCSVDataset (path,caption; WebVid), VideoFolderDataset (UCF-101), make_dataset,
+                     listing_captions
+  the command line   fail (a one-line error), the training flags, parse_stage_args (a stage's PRESETS row)
   the training loop  train: torchrun DDP, accumulation, lr schedule, EMA, resumable checkpoints, metrics
+  the AE's latents   what stages 2 and 3 train on: encode_videos, latent_data, cache_latents, add_latent_args
   FLOPs              count_flops, print_costs (each stage's --flops, and tools/bench.py)
 
 A video size is (height, width) everywhere; datasets yield (video, caption).
@@ -14,6 +16,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import hashlib
 import itertools
 import json
 import math
@@ -540,22 +543,9 @@ def parse_resolution(text):
     return height, width
 
 
-# What a preset trains on, the same for all three stages; each stage's DEFAULTS row adds its own recipe.
-PRESET_DATA = {
-    # the shapes world, small enough to encode once (--cache)
-    "tiny": dict(data="shapes", resolution=(32, 32), cache=True, every=500),
-    # your videos (WebVid-10M in the paper), encoded on the fly; the paper's global batch of 256 as the
-    # authors' release makes it: 1 video x 32 accumulated x 8 GPUs (one GPU: --grad-accum 256)
-    "paper": dict(data=None, resolution=(512, 1024), cache=False, batch_size=1, grad_accum=32, every=2000),
-    # UCF-101 at 64 x 64 pixels as the authors released it (its 101 class folders; trainlist01 trains),
-    # encoded on the fly: each epoch draws other clips; per-stage batches make the release's 256 on one GPU
-    "ucf": dict(data=None, resolution=(64, 64), cache=False, every=2000),
-}
-
-
 def add_training_args(parser):
-    """The flags every stage shares. A default here holds unless the --preset's row (PRESET_DATA and the
-    stage's DEFAULTS, parse_stage_args) names the flag."""
+    """The flags every stage shares. A default here holds unless the --preset's row of the stage's PRESETS
+    names the flag (parse_stage_args)."""
     data = parser.add_argument_group("data")
     data.add_argument("--data", help='"shapes", a CSV of path,caption (or WebVid\'s videoid,name), or a folder '
                                      "of class folders (UCF-101)")
@@ -594,16 +584,14 @@ def add_training_args(parser):
                                                               "compile, the rest run faster)")
 
 
-def parse_stage_args(parser, stage, defaults, argv=None):
-    """Parse a stage's flags: the --preset's row of PRESET_DATA, then of the stage's `defaults`, fill
-    the flags the command line leaves out. --help lists each preset's rows."""
+def parse_stage_args(parser, stage, presets, argv=None):
+    """Parse a stage's flags. The --preset's row of the stage's `presets` gives the defaults of the flags it
+    names; its other values are the model's, which the stage reads from the row. --help lists each row's flags."""
     flags = {action.dest for action in parser._actions}
-    rows = {preset: {k: v for k, v in {**PRESET_DATA[preset], **row}.items() if k in flags}
-            for preset, row in defaults.items()}
-    parser.epilog = "defaults per --preset (PRESET_DATA in data.py, the stage's DEFAULTS, with sources):\n" + "\n".join(
+    rows = {preset: {k: v for k, v in row.items() if k in flags} for preset, row in presets.items()}
+    parser.epilog = "defaults per --preset (the stage's PRESETS, with their sources):\n" + "\n".join(
         f"  {preset}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in row.items())
         for preset, row in rows.items())
-    parser.set_defaults(**rows["tiny"])
     parser.set_defaults(**rows[parser.parse_known_args(argv)[0].preset])
     args = parser.parse_args(argv)
     args.out = args.out or f"runs/{args.preset}"
@@ -916,6 +904,90 @@ def load_checkpoint(run_dir, stage, model, ema, opt, rank, world):
     else:
         warnings.warn(f"resuming on {world} processes from a checkpoint saved on another count: fresh RNG")
     return info["step"]
+
+
+# ----------------------------------------------------------------------------- the AE's latents
+# Stages 2 and 3 train on what the frozen AE makes of each video, its content frame and motion latent,
+# encoded batch by batch on the fly, or read from a cache encoded once.
+
+def add_latent_args(parser):
+    """Flags of the stages that train on the AE's latents (content.py, motion.py)."""
+    parser.add_argument("--ae", default=None, help="run directory of a trained AE (default: --out)")
+    parser.add_argument("--cache", action=argparse.BooleanOptionalAction,
+                        help="encode the dataset with the AE once, keep it as <out>/latents.safetensors (a "
+                             "fixed clip per video: for small datasets; WebVid-scale data is encoded on the fly)")
+    parser.add_argument("--text", type=lambda name: local_or_name(name) if name.endswith(".json") else name,
+                        help='the text encoder: "words", "tiny", an open_clip model name or model-config .json '
+                             "(default: the preset's)")
+    parser.add_argument("--text-weights", type=local_or_name, help="local open_clip checkpoint of the text encoder")
+    parser.add_argument("--snr-gamma", type=lambda text: float(text) or None,
+                        help="Min-SNR-gamma loss weights, 0 for the plain loss (default: the preset's)")
+
+
+def encode_videos(ae, frame_space, batch):
+    """A training batch for stages 2 and 3 -> (content_frame, motion_latent, captions).
+
+    The batch is either (videos, captions) from a video dataset, encoded here by the frozen
+    AE, or (content_frames, motion_latents, captions) from a cache written by cache_latents."""
+    if len(batch) == 3:
+        return batch
+    videos, captions = batch
+    with torch.no_grad():
+        content_frame, motion_latent = ae.encode(frame_space.encode(videos))
+    return content_frame, motion_latent, captions
+
+
+@torch.no_grad()
+def latent_data(args, ae, frame_space, dataset, val_set, device, val_videos=32):
+    """Stage 2 and 3's data: the training videos (or, with --cache, their content frames and motion
+    latents) and a fixed batch of the held-out ones, encoded once: (content frames, motion latents,
+    captions)."""
+    videos, captions = first_items(val_set, val_videos)
+    encoded = [ae.encode(frame_space.encode(chunk.to(device))) for chunk in videos.split(args.batch_size)]
+    val_batch = [torch.cat([c for c, _ in encoded]), torch.cat([m for _, m in encoded]), list(captions)]
+    if not args.cache:
+        return dataset, val_batch
+    # What the cache was made from: the AE's exact weights and the videos. Another AE or other
+    # videos make it stale, and it is encoded again.
+    ae_weights = Path(args.ae or args.out) / "ae.safetensors"
+    source = {"ae_sha256": hashlib.sha256(ae_weights.read_bytes()).hexdigest(), "data": str(args.data),
+              "videos": len(dataset), "seed": args.seed}
+    # One worker on a CPU draws (or decodes) the next videos while the AE encodes these.
+    return cache_latents(ae, frame_space, dataset, Path(args.out) / "latents.safetensors", device, source,
+                         loader_workers(args, device, on_cpu=1)), val_batch
+
+
+@torch.no_grad()
+def cache_latents(ae, frame_space, dataset, path, device, source, workers=0, batch_size=64):
+    """Encode every video of `dataset` once and keep the result on disk: stages 2 and 3 then
+    train without running the AE (or the SD VAE) again. `source` (a JSON-able dict) says what
+    the cache is made from; a cache made from anything else is encoded again. Under torchrun
+    rank 0 encodes and the others wait. Returns a dataset of (content_frame, motion_latent, caption)."""
+    path, source = Path(path), json.dumps(source, sort_keys=True)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    up_to_date = False
+    if path.is_file():
+        with safe_open(path, "pt") as f:
+            up_to_date = f.metadata().get("source") == source
+        if not up_to_date and rank == 0:
+            print(f"{path} was encoded by another AE or from other videos: encoding it again")
+    if rank == 0 and not up_to_date:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        content, motion, captions = [], [], []
+        for videos, texts in tqdm(DataLoader(dataset, batch_size=batch_size, num_workers=workers),
+                                  desc=f"caching {path.name}"):
+            content_frames, motion_latents = ae.encode(frame_space.encode(videos.to(device)))
+            content.append(content_frames.cpu())
+            motion.append(motion_latents.cpu())
+            captions.extend(texts)
+        tensors = {"content_frames": torch.cat(content), "motion_latents": torch.cat(motion)}
+        save_safetensors_atomic(path, tensors, {"captions": json.dumps(captions), "source": source})
+    if dist.is_initialized():
+        dist.barrier()
+    with safe_open(path, "pt") as f:
+        captions = json.loads(f.metadata()["captions"])
+        content, motion = f.get_tensor("content_frames"), f.get_tensor("motion_latents")
+    return [(c, m, caption) for c, m, caption in zip(content, motion, captions)]
 
 
 # ----------------------------------------------------------------------------- FLOPs

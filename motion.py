@@ -1,8 +1,8 @@
 """Stage 3 of CMD: the motion diffusion model (arXiv 2403.14148, Sec. 3.2, Eq. 8).
 
 The autoencoder (ae.py) splits a video into a content frame x̄ (C, H, W) and a motion
-latent z (L, N = H' + W', D). content.py generates x̄ from text with Stable Diffusion;
-this file generates z with a new diffusion transformer (DiT, Peebles & Xie 2023),
+latent z (L, N = H' + W', D). content.py generates x̄ from text (Stable Diffusion at paper
+scale); this file generates z with a new diffusion transformer (DiT, Peebles & Xie 2023),
 conditioned on the text and on the content frame. As in the paper, the content frame
 enters as input-level patch embeddings ("dense conditions") and the text, like the
 timestep, through adaptive layer normalisation.
@@ -24,57 +24,40 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from einops import rearrange
-from torch.utils.checkpoint import checkpoint
 
-from ae import Attention, sincos, sincos_grid
+from ae import Attention, run_block, sincos, sincos_grid
 from content import PRESETS as CONTENT_PRESETS
-from content import (Diffusion, add_latent_args, drop_prompts, encode_videos, flops_sizes, latent_stage,
-                     text_shapes)
-from data import (add_training_args, fail, held_out_loss, load_stage, parse_stage_args, print_costs, train,
-                  video_to_uint8, write_video)
+from content import Diffusion, DiffusionConfig, drop_prompts, flops_sizes, latent_stage, text_shapes
+from data import (add_latent_args, add_training_args, encode_videos, fail, held_out_loss, load_stage,
+                  parse_stage_args, print_costs, train, video_to_uint8, write_video)
 
 
 @dataclass
-class MotionConfig:
-    # motion latent z: (L, N = H' + W', D); must match the autoencoder that made it
-    frames: int = 16            # L
-    latent_h: int = 8           # H': tokens from projecting along the height axis
-    latent_w: int = 8           # W': tokens from projecting along the width axis
-    latent_dim: int = 8         # D
-    patch_frames: int = 2       # one DiT token covers patch_frames x patch_tokens latent vectors
-    patch_tokens: int = 2
-    # content frame x̄: (C, H, W), in the AE's frame space (pixels, or SD latents)
-    frame_channels: int = 3
-    frame_height: int = 32
-    frame_width: int = 32
-    content_patch: int = 4
-    # text features from content.TextEncoder: tokens (B, S, text_dim), S its context, pooled (B, pooled_dim)
-    text_dim: int = 64
-    pooled_dim: int = 64
-    # our additions for a small random text encoder, whose pooled feature hardly tells one direction word
-    # from another (docs/results.md): blocks also attend to the text tokens, and c also gets them,
-    # attention-pooled
-    cross_attention: bool = True
-    pool_text: bool = True
-    # transformer width (see DIT_SIZES)
-    hidden: int = 128
-    depth: int = 4
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    # the noise schedule: content.Diffusion's (SD's scaled-linear betas) with this target. The paper's
-    # DiT predicts eps on DiT's linear betas; one schedule for both stages keeps one to read, and v
-    # stays a well-scaled target at both ends of it
-    prediction_type: str = "v_prediction"
-    # ... rescaled to zero terminal SNR (content.Diffusion, Lin et al. 2024): otherwise x_T in training
-    # still holds 7% of z, enough to read which way the shape moves off the noise rather than off the
-    # prompt, while sampling starts from pure noise
-    zero_terminal_snr: bool = True
-    # training only: Min-SNR-gamma loss weights (content.Diffusion.loss), or None for the plain loss,
-    # as in the paper. Min-SNR weighs the noisiest steps, where the DiT decides which way a shape moves,
-    # by about their SNR, near 0 (docs/results.md measures what that does to the directions)
-    snr_gamma: float | None = None
-    cfg_scale: float = 3.0  # guidance of the motion latent's samples
-    sample_steps: int = 50  # DDIM steps of its samples
+class MotionConfig(DiffusionConfig):
+    # Set by the AE and the text encoder the DiT works with (shapes_from), never by a preset: the motion
+    # latent z (L, N = H' + W', D), H' tokens a frame from the AE's rows and W' from its columns; the content
+    # frame x̄ (C, H, W) in the AE's frame space; the text features, tokens (B, S, text_dim), pooled (B, pooled_dim)
+    frames: int
+    latent_h: int
+    latent_w: int
+    latent_dim: int
+    frame_channels: int
+    frame_height: int
+    frame_width: int
+    text_dim: int
+    pooled_dim: int
+    # The DiT (PRESETS): one token covers patch_frames x patch_tokens latent vectors, one content token a
+    # content_patch x content_patch patch of x̄; width, depth, heads; our additions cross_attention and
+    # pool_text (AttentionPooling, at the end of the file)
+    patch_frames: int
+    patch_tokens: int
+    content_patch: int
+    hidden: int
+    depth: int
+    heads: int
+    mlp_ratio: float
+    cross_attention: bool
+    pool_text: bool
 
     def __post_init__(self):
         # A token must not straddle the height/width boundary of z, nor the frame edge.
@@ -89,56 +72,9 @@ class MotionConfig:
         assert self.hidden % self.heads == 0 and (self.hidden // self.heads) % 2 == 0
 
 
-# DiT's widths (Peebles & Xie 2023, Table 1), plus a CPU-sized one.
-DIT_SIZES = {
-    "tiny": dict(hidden=128, depth=4, heads=4),
-    "S": dict(hidden=384, depth=12, heads=6),
-    "B": dict(hidden=768, depth=12, heads=12),
-    "L": dict(hidden=1024, depth=24, heads=16),
-    "XL": dict(hidden=1152, depth=28, heads=16),
-}
-
-PRESETS = {
-    # 32x32 pixel shapes videos; the AE's tiny preset gives z of 16 x (8 + 8) x 8. Guidance 1.5: stronger
-    # guidance draws the shape's outline twice (docs/results.md); 25 DDIM steps, as good as 50 there.
-    "tiny": MotionConfig(cfg_scale=1.5, sample_steps=25),
-    # WebVid-10M text-to-video at 512x1024, frames as SD-2.1 latents 4x64x128. Paper:
-    # DiT-XL/2 "for WebVid-10M" (Sec. 4.1); z of L x (H'+W') x D = 16 x (32+64) x 8
-    # (Table 5); z patch 2 and content-frame patch 8 (Table 6); OpenCLIP ViT-H text,
-    # 1024-d, with no cross-attention (App. B.3: only a linear projection into the adaLN).
-    # Guidance: the paper gives none for the motion; 3 is ours.
-    "paper": MotionConfig(
-        frames=16, latent_h=32, latent_w=64, latent_dim=8, patch_frames=2, patch_tokens=2,
-        frame_channels=4, frame_height=64, frame_width=128, content_patch=8, text_dim=1024, pooled_dim=1024,
-        cross_attention=False, pool_text=False, zero_terminal_snr=False, **DIT_SIZES["XL"]),
-    # Class-conditional UCF-101 at 64x64 pixels, as the release (train_motion_diffusion.py): DiT-B/2 by its
-    # default, content-frame ("keyframe") patch 4, the AE's z of 16 x (32 + 32) x 8. The class enters
-    # the adaLN through text_embed (one-hot: a class table), as the release meant to (its `c = t` drops
-    # it). Ours: v on the zero-terminal-SNR schedule, as the content model; guidance 3, as the paper
-    # preset (the release samples motion without guidance).
-    "ucf": MotionConfig(
-        frames=16, latent_h=32, latent_w=32, latent_dim=8, frame_channels=3, frame_height=64, frame_width=64,
-        content_patch=4, text_dim=101, pooled_dim=101, cross_attention=False, pool_text=False, **DIT_SIZES["B"]),
-}
-
-
 def modulate(x, shift, scale):
     # adaLN: a LayerNorm whose affine parameters are predicted from the condition c.
     return x * (1 + scale[:, None]) + shift[:, None]
-
-
-class AttentionPooling(nn.Module):
-    """Text tokens (B, S, text_dim) -> one vector (B, hidden): a learned query attends over the
-    tokens, so training decides which words the adaLN condition hears (as DeepFloyd IF's and
-    diffusers' "text" time embedding does for a UNet)."""
-
-    def __init__(self, text_dim, hidden, heads):
-        super().__init__()
-        self.query = nn.Parameter(torch.randn(1, 1, hidden) * 0.02)
-        self.attn = Attention(hidden, heads, context_dim=text_dim)
-
-    def forward(self, tokens):
-        return self.attn(self.query.expand(len(tokens), -1, -1), tokens)[:, 0]
 
 
 class TimestepEmbedder(nn.Module):
@@ -165,7 +101,7 @@ class DiTBlock(nn.Module):
         self.cross_attn = None
         if config.cross_attention:
             # Text tokens, unmodulated and residual, as in PixArt-alpha. Not in the paper,
-            # whose DiT sees only the pooled text; an option for small pooled encoders.
+            # whose DiT sees only the pooled text; our addition (MotionConfig).
             self.norm_cross = nn.LayerNorm(h)
             self.cross_attn = Attention(h, config.heads, context_dim=config.text_dim)
         self.norm2 = nn.LayerNorm(h, elementwise_affine=False, eps=1e-6)
@@ -224,6 +160,28 @@ class MotionDiT(nn.Module):
         self.out = nn.Linear(config.hidden, patch_in)
         self.initialize_weights()
 
+    def forward(self, z, t, content_frame, text_tokens, text_pooled):
+        config = self.config
+        expected = (config.frames, config.latent_h + config.latent_w, config.latent_dim)
+        if tuple(z.shape[1:]) != expected:
+            raise ValueError(f"motion latent of shape {tuple(z.shape)}, expected (B, *{expected})")
+        pf, pt = config.patch_frames, config.patch_tokens
+        x = rearrange(z, "b (l p) (n q) d -> b (l n) (p q d)", p=pf, q=pt)
+        x = self.motion_embed(x) + self.motion_pos                  # (B, T_motion, hidden)
+        content = self.content_embed(content_frame)                # (B, hidden, H/p, W/p)
+        content = rearrange(content, "b c h w -> b (h w) c") + self.content_pos
+        num_motion = x.shape[1]
+        x = torch.cat([x, content], dim=1)                         # (B, T_motion + T_content, h)
+        c = self.t_embed(t) + self.text_embed(text_pooled)         # (B, hidden)
+        if self.text_pool is not None:
+            c = c + self.text_pool(text_tokens)
+        for block in self.blocks:
+            x = run_block(block, x, c, text_tokens, checkpointing=self.gradient_checkpointing and self.training)
+        x = x[:, :num_motion]                                      # drop the content tokens
+        shift, scale = self.adaLN_out(c).chunk(2, dim=1)
+        x = self.out(modulate(self.norm_out(x), shift, scale))    # (B, T_motion, pf*pt*D)
+        return rearrange(x, "b (l n) (p q d) -> b (l p) (n q) d", n=self.grid[1], p=pf, q=pt)
+
     def initialize_weights(self):
         # DiT's recipe: Xavier-uniform linear layers (and patch embedding), N(0, 0.02) for
         # the timestep MLP ...
@@ -249,31 +207,6 @@ class MotionDiT(nn.Module):
         """Recompute each block's activations in the backward pass (diffusers' name)."""
         self.gradient_checkpointing = True
 
-    def forward(self, z, t, content_frame, text_tokens, text_pooled):
-        config = self.config
-        expected = (config.frames, config.latent_h + config.latent_w, config.latent_dim)
-        if tuple(z.shape[1:]) != expected:
-            raise ValueError(f"motion latent of shape {tuple(z.shape)}, expected (B, *{expected})")
-        pf, pt = config.patch_frames, config.patch_tokens
-        x = rearrange(z, "b (l p) (n q) d -> b (l n) (p q d)", p=pf, q=pt)
-        x = self.motion_embed(x) + self.motion_pos                  # (B, T_motion, hidden)
-        content = self.content_embed(content_frame)                # (B, hidden, H/p, W/p)
-        content = rearrange(content, "b c h w -> b (h w) c") + self.content_pos
-        num_motion = x.shape[1]
-        x = torch.cat([x, content], dim=1)                         # (B, T_motion + T_content, h)
-        c = self.t_embed(t) + self.text_embed(text_pooled)         # (B, hidden)
-        if self.text_pool is not None:
-            c = c + self.text_pool(text_tokens)
-        for block in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, text_tokens, use_reentrant=False)
-            else:
-                x = block(x, c, text_tokens)
-        x = x[:, :num_motion]                                      # drop the content tokens
-        shift, scale = self.adaLN_out(c).chunk(2, dim=1)
-        x = self.out(modulate(self.norm_out(x), shift, scale))    # (B, T_motion, pf*pt*D)
-        return rearrange(x, "b (l n) (p q d) -> b (l p) (n q) d", n=self.grid[1], p=pf, q=pt)
-
 
 def dit_model_fn(model):
     """The DiT as a Diffusion model_fn(z, t, cond) with cond = (content_frame, text_tokens, text_pooled)."""
@@ -293,28 +226,57 @@ def sample_motion(model, diffusion, content_frame, text, null_text, steps, cfg_s
                                  desc="motion", cuda_graph=cuda_graph)
 
 
-def example_inputs(config, batch=1, text_len=77, device=None):
-    """Random inputs of the right shapes: (z, t, content_frame, text_tokens, text_pooled)."""
-    return (torch.randn(batch, config.frames, config.latent_h + config.latent_w, config.latent_dim, device=device),
-            torch.randint(0, 1000, (batch,), device=device).float(),
-            torch.randn(batch, config.frame_channels, config.frame_height, config.frame_width, device=device),
-            torch.randn(batch, text_len, config.text_dim, device=device),
-            torch.randn(batch, config.pooled_dim, device=device))
+# -----------------------------------------------------------------------------
+# The presets: one row each, the DiT (MotionConfig's fields but those shapes_from sets) and its
+# training flags (data.add_training_args), with their sources
 
+# DiT's widths (Peebles & Xie 2023, Table 1): --size picks one instead of a preset's
+DIT_SIZES = {
+    "S": dict(hidden=384, depth=12, heads=6),
+    "B": dict(hidden=768, depth=12, heads=12),
+    "L": dict(hidden=1024, depth=24, heads=16),
+    "XL": dict(hidden=1152, depth=28, heads=16),
+}
 
-def training_step(config, device="meta", text_len=77, batch_size=1):
-    """(model, loss()) of one training step on random inputs, built on `device`: what --flops counts and
-    tools/bench.py times."""
-    with torch.device(device):
-        model = MotionDiT(config)
-        z, _, *cond = example_inputs(config, batch_size, text_len)
-    diffusion = Diffusion(prediction_type=config.prediction_type)
-    return model, lambda: diffusion.loss(dit_model_fn(model), z, tuple(cond))
+PRESETS = {
+    # The shapes world on a laptop CPU, with the latent cache: z of 16 x (8 + 8) x 8, a DiT of width 128 and
+    # depth 4, our cross-attention and pooling on (MotionConfig). v on the zero-terminal-SNR schedule
+    # (DiffusionConfig) with the plain loss, as in the paper: Min-SNR weighs the noisiest steps, where the
+    # DiT decides which way a shape moves, by about their SNR, near 0, and reversed a third of the directions
+    # (docs/results.md). Guidance 1.5: stronger guidance draws the shape's outline twice; 25 DDIM steps, as
+    # good as 50 there. lr 2e-3 learned the motion faster than 1e-3.
+    "tiny": dict(data="shapes", cache=True, every=500, patch_frames=2, patch_tokens=2, content_patch=4,
+                 hidden=128, depth=4, heads=4, mlp_ratio=4.0, cross_attention=True, pool_text=True,
+                 prediction_type="v_prediction", zero_terminal_snr=True, snr_gamma=None, cfg_scale=1.5, sample_steps=25,
+                 steps=1800, batch_size=16, lr=2e-3, decay="cosine", betas=(0.9, 0.99)),
+    # WebVid-10M text-to-video at 512x1024, frames as SD-2.1 latents 4x64x128. Paper: DiT-XL/2 "for
+    # WebVid-10M" (Sec. 4.1); z patch 2 and content-frame patch 8 (Table 6); OpenCLIP ViT-H text with no
+    # cross-attention (App. B.3: only a linear projection into the adaLN). Ours: v on SD's scaled-linear
+    # schedule, not rescaled (the paper's DiT predicts eps on DiT's linear betas: one schedule for both
+    # stages keeps one to read), the plain loss; guidance 3 (the paper gives none for the motion); 50 DDIM
+    # steps (App. B.4). The authors' release (NVlabs/CMD): AdamW lr 1e-4, no weight decay, EMA 0.9999,
+    # gradient clip 1; betas are torch's default, no warm-up, as DiT; the paper's batch of 256: 1 x 32
+    # accumulated x 8 GPUs. The step count is not given; 100k steps of 256 is ours.
+    "paper": dict(data=None, cache=False, every=2000, patch_frames=2, patch_tokens=2, content_patch=8,
+                  **DIT_SIZES["XL"], mlp_ratio=4.0, cross_attention=False, pool_text=False,
+                  prediction_type="v_prediction", zero_terminal_snr=False, snr_gamma=None, cfg_scale=3.0,
+                  sample_steps=50, steps=100_000, batch_size=1, grad_accum=32, lr=1e-4),
+    # Class-conditional UCF-101 at 64x64 pixels, as the release (train_motion_diffusion.py): DiT-B/2 by its
+    # default, content-frame ("keyframe") patch 4, the AE's z of 16 x (32 + 32) x 8. The class enters the
+    # adaLN through text_embed (one-hot: a class table), as the release meant to (its `c = t` drops it).
+    # Ours: v on the zero-terminal-SNR schedule, as the content model; guidance 3, as the paper preset (the
+    # release samples motion without guidance). The release's optimiser, the paper row's, for its 1,400
+    # epochs of trainlist01's 9,537 videos at 256: 52k steps; all 256 fit one GPU's 80 GB.
+    "ucf": dict(data=None, cache=False, every=2000, patch_frames=2, patch_tokens=2, content_patch=4,
+                **DIT_SIZES["B"], mlp_ratio=4.0, cross_attention=False, pool_text=False,
+                prediction_type="v_prediction", zero_terminal_snr=True, snr_gamma=None, cfg_scale=3.0, sample_steps=50,
+                steps=52_000, batch_size=256, grad_accum=1, lr=1e-4),
+}
 
 
 def shapes_from(ae_config, text_widths=None):
     """The MotionConfig fields fixed by the AE (latent and frame shapes) and the text encoder's
-    (token width, pooled width) (without them, the preset's text widths stay)."""
+    (token width, pooled width)."""
     shapes = dict(frames=ae_config.frames, latent_h=ae_config.height // ae_config.patch,
                   latent_w=ae_config.width // ae_config.patch, latent_dim=ae_config.motion_dim,
                   frame_channels=ae_config.channels, frame_height=ae_config.height, frame_width=ae_config.width)
@@ -323,51 +285,54 @@ def shapes_from(ae_config, text_widths=None):
     return shapes
 
 
-def config_for(preset, size, ae_config, text_widths=None):
-    """The preset with every shape taken from the AE and text encoder it must fit."""
-    return replace(PRESETS[preset], **(DIT_SIZES[size] if size else {}), **shapes_from(ae_config, text_widths))
+def check_dit_fits(config, ae_config, text_widths):
+    """A DiT takes the shapes of one AE and text encoder: those it is used with, or a ValueError that says
+    what differs."""
+    made = shapes_from(ae_config, text_widths)
+    wrong = [f"{k} {getattr(config, k)} where they give {v}" for k, v in made.items() if getattr(config, k) != v]
+    if wrong:
+        raise ValueError(f"its motion DiT was built for another AE or text encoder ({', '.join(wrong)})")
 
 
-# Training defaults per preset, on top of data.PRESET_DATA; the flags of data.add_training_args override them.
-DEFAULTS = {
-    # Sized for the shapes world on a laptop CPU, with the latent cache (docs/results.md has the runs:
-    # lr 2e-3 learned the motion faster than 1e-3).
-    "tiny": dict(steps=1800, batch_size=16, lr=2e-3, decay="cosine", betas=(0.9, 0.99)),
-    # The authors' release (NVlabs/CMD): AdamW lr 1e-4, no weight decay, EMA 0.9999, gradient clip 1;
-    # betas are torch's default, no warm-up, as DiT. The step count is not given; 100k steps of 256 is ours.
-    "paper": dict(steps=100_000, lr=1e-4),
-    # The release's UCF-101 motion model, the same optimiser, for its 1,400 epochs of trainlist01's 9,537
-    # videos at 256: 52k steps. All 256 fit one GPU's 80 GB.
-    "ucf": dict(steps=52_000, batch_size=256, grad_accum=1, lr=1e-4),
-}
+def config_for(preset, size, ae_config, text_widths):
+    """The MotionConfig of a preset's row, with the widths of DiT's `size` or of another preset's row
+    (None: its own), every shape taken from the AE and the text encoder it must fit."""
+    own = PRESETS[size or preset]
+    widths = DIT_SIZES[size] if size in DIT_SIZES else {k: own[k] for k in ("hidden", "depth", "heads")}
+    values = {**PRESETS[preset], **widths, **shapes_from(ae_config, text_widths)}
+    return MotionConfig(**{name: values[name] for name in MotionConfig.__dataclass_fields__})
 
+
+# -----------------------------------------------------------------------------
+# Training
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=PRESETS)
-    parser.add_argument("--size", default=None, choices=DIT_SIZES, help="override the preset's DiT width/depth")
+    parser.add_argument("--size", default=None, choices=[*DIT_SIZES, *PRESETS],
+                        help="the DiT's width and depth: one of DiT's sizes, or another preset's (default: its own)")
     add_latent_args(parser)
     add_training_args(parser)
-    args = parse_stage_args(parser, "motion", DEFAULTS, argv)
-    content_config = replace(CONTENT_PRESETS[args.preset], text=args.text or CONTENT_PRESETS[args.preset].text)
+    args = parse_stage_args(parser, "motion", PRESETS, argv)
+    text = args.text or CONTENT_PRESETS[args.preset]["text"]  # the text encoder stage 2 trains with
     if args.flops:  # on `meta`, at the sizes of --ae's run or of the preset
         try:
-            frames, text = flops_sizes(args, content_config.text)
-            tokens, *widths = text_shapes(text)
+            frames, text_config = flops_sizes(args, text)
+            tokens, *widths = text_shapes(text_config)
             config = config_for(args.preset, args.size, frames, widths)
         except (OSError, ValueError) as e:
             fail(e)
         return print_costs("motion DiT", *training_step(config, text_len=tokens),
                            f"batch 1, {frames.video_size[0]}x{frames.video_size[1]} videos")
-    rank, device, text_encoder, ae, frame_space, dataset, val_batch = latent_stage(args, content_config)
+    rank, device, text_encoder, ae, frame_space, dataset, val_batch = latent_stage(
+        args, text, CONTENT_PRESETS[args.preset]["text_pretrained"])
     torch.manual_seed(args.seed)  # the initial weights too: one --seed, one run
     try:
         config = config_for(args.preset, args.size, ae.config, (text_encoder.width, text_encoder.embed_dim))
-        model = MotionDiT(config if args.snr_gamma is None else replace(config, snr_gamma=args.snr_gamma or None))
+        model = MotionDiT(replace(config, snr_gamma=args.snr_gamma))
     except ValueError as e:
         fail(e)
-    schedule = {"prediction_type": model.config.prediction_type,
-                "rescale_betas_zero_snr": model.config.zero_terminal_snr, "set_alpha_to_one": True}
+    schedule = model.config.schedule()
     diffusion = Diffusion(**schedule)
     snr_gamma = model.config.snr_gamma  # loss_fn gets the model, or its DDP wrapper
 
@@ -397,6 +362,25 @@ def write_motion_preview(model, diffusion, ae, frame_space, text_encoder, val_ba
     print(f"wrote {path} (AE reconstruction | generated motion), captions:", *captions, sep="\n  ")
 
 
+def example_inputs(config, batch=1, text_len=77, device=None):
+    """Random inputs of the right shapes: (z, t, content_frame, text_tokens, text_pooled)."""
+    return (torch.randn(batch, config.frames, config.latent_h + config.latent_w, config.latent_dim, device=device),
+            torch.randint(0, 1000, (batch,), device=device).float(),
+            torch.randn(batch, config.frame_channels, config.frame_height, config.frame_width, device=device),
+            torch.randn(batch, text_len, config.text_dim, device=device),
+            torch.randn(batch, config.pooled_dim, device=device))
+
+
+def training_step(config, device="meta", text_len=77, batch_size=1):
+    """(model, loss()) of one training step on random inputs, built on `device`: what --flops counts and
+    tools/bench.py times."""
+    with torch.device(device):
+        model = MotionDiT(config)
+        z, _, *cond = example_inputs(config, batch_size, text_len)
+    diffusion = Diffusion(prediction_type=config.prediction_type)
+    return model, lambda: diffusion.loss(dit_model_fn(model), z, tuple(cond))
+
+
 def load_motion(run_dir, device="cpu", ae_config=None):
     """A trained motion stage from a run directory -> (EMA DiT, Diffusion). With `ae_config`, the DiT
     takes that AE's shapes: its positions are sin-cos, the same weights fit."""
@@ -405,6 +389,26 @@ def load_motion(run_dir, device="cpu", ae_config=None):
     model = MotionDiT(replace(config, **shapes_from(ae_config)) if ae_config else config)
     model.load_state_dict(state)
     return model.to(device).eval().requires_grad_(False), Diffusion(**info["config"]["schedule"])
+
+
+# -----------------------------------------------------------------------------
+# Not the paper's method: the text tokens for a DiT whose pooled text says little (cross_attention,
+# pool_text). They were added for a small open_clip tower with random weights (--text tiny), whose
+# pooled feature hardly tells one direction word from another (docs/results.md); the bag of words
+# gives one token, its pooled vector itself.
+
+class AttentionPooling(nn.Module):
+    """Text tokens (B, S, text_dim) -> one vector (B, hidden): a learned query attends over the
+    tokens, so training decides which words the adaLN condition hears (as DeepFloyd IF's and
+    diffusers' "text" time embedding does for a UNet)."""
+
+    def __init__(self, text_dim, hidden, heads):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, hidden) * 0.02)
+        self.attn = Attention(hidden, heads, context_dim=text_dim)
+
+    def forward(self, tokens):
+        return self.attn(self.query.expand(len(tokens), -1, -1), tokens)[:, 0]
 
 
 if __name__ == "__main__":

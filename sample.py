@@ -4,7 +4,8 @@
 frame by guided DDIM on the content UNet (content.py; the paper: 50 steps, eta = 0, App. B.4), the
 motion latent by guided DDIM on the motion DiT given that content frame (motion.py), the AE decoder
 (ae.py), and the SD VAE decoder to pixels (paper preset). The rest of the file writes
-<out>/<prompt>-<seed>.mp4 / .gif and the content frame as .png.
+<out>/<prompt>-<seed>.mp4 / .gif and the content frame as .png. Measuring the method lives in tools/:
+evaluate.py (FVD, CLIPSIM, the shapes world) and bench.py.
 
 All three stages load from one run directory (ae.*, content.*, motion.*, text_encoder.*).
 With no --run, the tiny shapes checkpoint shipped with the repo (checkpoints/shapes-tiny).
@@ -16,8 +17,6 @@ With no --run, the tiny shapes checkpoint shipped with the repo (checkpoints/sha
     python sample.py "a green triangle moving left" --motion-from clip.mp4   # motion transfer
     python sample.py "a corgi running on the beach" --run runs/paper --device cuda   # paper scale, bf16
     python sample.py "ApplyEyeMakeup" --run runs/ucf --device cuda   # a UCF-101 class (or "apply eye makeup")
-
-Measuring the method lives in tools/: evaluate.py (FVD, CLIPSIM, the shapes world) and bench.py.
 """
 import argparse
 import re
@@ -30,13 +29,12 @@ import torch
 from PIL import Image
 
 from ae import Autoencoder, FrameSpace, load_ae
-from content import Diffusion, TextEncoder, load_content, sample_content_frames
+from content import Diffusion, TextEncoder, check_unet_fits, load_content, sample_content_frames
 from data import (fail, parse_resolution, read_video, resize_cover, uint8_to_video, video_to_uint8, write_image,
                   write_video)
-from motion import MotionDiT, load_motion, sample_motion, shapes_from
+from motion import MotionDiT, check_dit_fits, load_motion, sample_motion
 
 DEFAULT_RUN = Path(__file__).parent / "checkpoints" / "shapes-tiny"
-HOW_TO_TRAIN = "python ae.py --out {0} && python content.py --out {0} && python motion.py --out {0}"
 
 
 @dataclass
@@ -98,7 +96,12 @@ def load_models(run_dir, device="cpu", resolution=None):
     ae, frame_space = load_ae(run_dir, device, resolution)
     text_encoder, unet, content_diffusion, content_config = load_content(run_dir, device)
     dit, motion_diffusion = load_motion(run_dir, device, ae.config if resolution else None)
-    check_fit(run_dir, ae.config, text_encoder, unet.config, dit.config)
+    try:  # stages of different presets load fine, and would fail later with a shape error
+        check_unet_fits(unet.config, "its content UNet takes", ae.config.channels, text_encoder.width)
+        check_dit_fits(dit.config, ae.config, (text_encoder.width, text_encoder.embed_dim))
+    except ValueError as e:
+        raise ValueError(f"{run_dir} mixes stages of different presets ({e}): train all three with the same "
+                         "--preset into one --out") from e
     return Models(text_encoder, unet, content_diffusion, dit, motion_diffusion, ae, frame_space,
                   content_config.cfg_scale, dit.config.cfg_scale, content_config.sample_steps, dit.config.sample_steps)
 
@@ -121,21 +124,6 @@ def motion_latent_of_video(models, path, device):
     clip = read_video(path, models.ae.config.frames)  # VideoError if unreadable or too short
     video = resize_cover(uint8_to_video(clip), models.ae.config.video_size)[None].to(device)
     return models.ae.encode(models.frame_space.encode(video))[1]
-
-
-def check_fit(run_dir, ae_config, text_encoder, unet_config, dit_config):
-    """Stages trained with different presets load fine and fail later with a shape error:
-    compare what the DiT and UNet were built for with what the AE and text encoder make."""
-    made = shapes_from(ae_config, (text_encoder.width, text_encoder.embed_dim))
-    wrong = [f"motion {k}={getattr(dit_config, k)} but AE/text give {v}"
-             for k, v in made.items() if getattr(dit_config, k) != v]
-    if unet_config.in_channels != ae_config.channels or unet_config.cross_attention_dim != text_encoder.width:
-        wrong.append(f"content UNet takes {unet_config.in_channels}-channel frames and "
-                     f"{unet_config.cross_attention_dim}-wide text, the AE makes {ae_config.channels} channels "
-                     f"and the text encoder {text_encoder.width}")
-    if wrong:
-        raise ValueError(f"{run_dir} mixes stages of different presets ({'; '.join(wrong)}): train all three "
-                         "with the same --preset into one --out")
 
 
 # ----------------------------------------------------------------------------- files and command line
@@ -173,8 +161,8 @@ def load_run(run, device, resolution=None, compile_denoisers=False):
     """--run (or the shipped checkpoint) -> Models, or a one-line error that says what to do."""
     run_dir = Path(run) if run else DEFAULT_RUN
     if run is None and not run_dir.is_dir():
-        fail(f"the default checkpoint {run_dir} is missing; train it with: {HOW_TO_TRAIN.format(run_dir)} "
-             "(or pass --run DIR)")
+        fail(f"the default checkpoint {run_dir} is missing; train it with: python ae.py --out {run_dir} && python "
+             f"content.py --out {run_dir} && python motion.py --out {run_dir} (or pass --run DIR)")
     try:
         models = load_models(run_dir, device, resolution)
     except (OSError, RuntimeError, ValueError) as e:  # missing or unreadable, half-written, mixed presets
@@ -219,8 +207,7 @@ def main(argv=None):
     parser.add_argument("prompt", nargs="?", help="what the video shows")
     parser.add_argument("--prompts", help="a text file, one prompt a line")
     add_sampling_args(parser)
-    parser.add_argument("--image", help="image-to-video: this picture is the content frame; only the motion is "
-                                        "sampled")
+    parser.add_argument("--image", help="image-to-video: this picture is the content frame; only the motion is sampled")
     parser.add_argument("--motion-from", metavar="VIDEO", help="motion transfer: the motion latent of this clip's "
                                                                "first frames, a new content frame from the prompt")
     parser.add_argument("--num", type=int, default=1, help="videos per prompt, in one batch")
@@ -244,10 +231,10 @@ def main(argv=None):
         fail(f"cannot write to --out {out} ({e.strerror or e}): pick a folder you can write to")
     models = load_run(args.run, device, args.resolution, args.compile)
     try:
-        models.text_encoder(prompts)  # a prompt this run cannot read (a class it does not know) fails here
-        content_frame = content_frame_of_image(models, args.image, device) if args.image else None
-        motion_latent = motion_latent_of_video(models, args.motion_from, device) if args.motion_from else None
-    except ValueError as e:  # an unknown class, an unreadable picture or clip (VideoError), a clip of too few frames
+        models.text_encoder(prompts)  # a prompt this run cannot read (a word or class it never saw) fails here
+        given = {"content_frame": args.image and content_frame_of_image(models, args.image, device),  # None: sample
+                 "motion_latent": args.motion_from and motion_latent_of_video(models, args.motion_from, device)}
+    except ValueError as e:  # an unknown word or class, an unreadable picture or clip (VideoError), a short clip
         fail(e)
     formats = {"mp4": [".mp4"], "gif": [".gif"], "both": [".mp4", ".gif"]}[args.format]
     for prompt in prompts:
@@ -255,8 +242,7 @@ def main(argv=None):
         generator = torch.Generator(device).manual_seed(args.seed)
         with autocast_for(device, args.dtype):
             videos, content_images = generate(models, [prompt] * args.num, *steps_of(args), args.cfg_content,
-                                              args.cfg_motion, generator, content_frame=content_frame,
-                                              motion_latent=motion_latent)
+                                              args.cfg_motion, generator, **given)
         save(videos, content_images, out / f"{slug(prompt)}-{args.seed}", formats, args.fps)
 
 

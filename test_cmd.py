@@ -42,7 +42,7 @@ import content
 import data
 import motion
 import sample
-from content import (SD21_UNET_CONFIG, TINY_TEXT_CONFIG, ContentConfig, Diffusion, TextEncoder, build_text_encoder,
+from content import (SD21_UNET_CONFIG, TINY_TEXT_CONFIG, Diffusion, TextEncoder, build_text_encoder,
                      build_unet, cfg_output, drop_prompts, load_open_clip_text_weights, load_sd_unet,
                      load_text_encoder, save_text_encoder, scratch_unet, unet_model_fn)
 from motion import MotionConfig, MotionDiT, example_inputs
@@ -68,8 +68,11 @@ def write_clip(path, frames=8, height=24, width=32, green=None):
     return video
 
 
-MICRO = ae.AEConfig(frames=4, height=16, width=16, patch=4, hidden=32, heads=2,
-                    encoder_depth=1, decoder_depth=1, motion_dim=4)
+MICRO = replace(ae.preset_config("tiny", (16, 16)), frames=4, hidden=32, heads=2, encoder_depth=1, decoder_depth=1,
+                motion_dim=4)
+
+
+TINY_UNET = content.PRESETS["tiny"]["unet"]  # the tiny preset's UNet from scratch
 
 
 def micro_dataset(n=16):
@@ -127,7 +130,7 @@ def tiny_te():
     return build_text_encoder("tiny")
 
 
-def make_run(run_dir, ae_config=ae.PRESETS["tiny"]):
+def make_run(run_dir, ae_config=ae.preset_config("tiny")):
     """Freshly initialised tiny stages, built and saved the way ae.py, content.py and motion.py do."""
     torch.manual_seed(0)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -135,9 +138,9 @@ def make_run(run_dir, ae_config=ae.PRESETS["tiny"]):
     te = content.build_text_encoder("tiny")
     content.save_text_encoder(te, run_dir)
     c = ae_config
-    unet = content.scratch_unet("tiny", te.width, (c.height, c.width), c.channels)
+    unet = content.scratch_unet(TINY_UNET, te.width, (c.height, c.width), c.channels)
     schedule = {"prediction_type": "v_prediction"}
-    data.save_stage(run_dir, "content", unet, 0, {"content": asdict(content.PRESETS["tiny"]), "unet": dict(unet.config),
+    data.save_stage(run_dir, "content", unet, 0, {"content": asdict(content.content_config("tiny")), "unet": dict(unet.config),
                                              "schedule": schedule, "text_weights": None})
     dit = motion.MotionDiT(motion.config_for("tiny", None, ae_config, (te.width, te.embed_dim)))
     data.save_stage(run_dir, "motion", dit, 0, {"model": asdict(dit.config), "schedule": schedule})
@@ -803,7 +806,7 @@ def test_attention_backward_is_twice_the_forward():
 
 def test_content_weights_sum_to_one_and_static_video_gives_its_frame():
     torch.manual_seed(0)
-    model = ae.Autoencoder(ae.PRESETS["tiny"])
+    model = ae.Autoencoder(ae.preset_config("tiny"))
     frame = torch.rand(2, 3, 32, 32) * 2 - 1
     static = frame[:, None].expand(2, 16, 3, 32, 32)
     content_frame, _ = model.encode(static)
@@ -832,7 +835,7 @@ def test_middle_frame_weight_makes_the_content_frame_the_middle_frame(tmp_path):
 
 
 def test_tiny_encode_decode_shapes():
-    model = ae.Autoencoder(ae.PRESETS["tiny"])
+    model = ae.Autoencoder(ae.preset_config("tiny"))
     video = torch.rand(2, 16, 3, 32, 32) * 2 - 1
     content_frame, motion_latent = model.encode(video)
     assert content_frame.shape == (2, 3, 32, 32)
@@ -844,7 +847,7 @@ def test_tiny_encode_decode_shapes():
 
 
 def test_paper_preset_on_meta_shapes_params_and_flops():
-    config = ae.PRESETS["paper"]
+    config = ae.preset_config("paper")
     with torch.device("meta"):
         model = ae.Autoencoder(config)
         content_frame, motion_latent = model.encode(torch.empty(1, 16, 4, 64, 128))
@@ -859,7 +862,7 @@ def test_paper_preset_on_meta_shapes_params_and_flops():
 def test_geglu_ae_is_the_releases_size_and_the_papers_table_8():
     """The paper preset's AE with the release's GEGLU: 47.4 M parameters, and 0.77 T multiply-adds a
     forward at 16 x 512 x 512 without the attention matmuls (the paper's convention, Table 8); 0.62 with GELU."""
-    at_512 = replace(ae.PRESETS["paper"], width=64)
+    at_512 = replace(ae.preset_config("paper"), width=64)
     for feed_forward, tmacs, params in (("geglu", 0.773, 47.4e6), ("gelu", 0.619, 37.9e6)):
         model, loss = ae.training_step(replace(at_512, feed_forward=feed_forward))
         flops, attention = data.count_flops(loss)
@@ -867,6 +870,20 @@ def test_geglu_ae_is_the_releases_size_and_the_papers_table_8():
         assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=0.002), feed_forward
     x = torch.randn(2, 5, 8)
     torch.testing.assert_close(ae.GEGLU()(x), x[..., :4] * F.gelu(x[..., 4:]))
+
+
+def test_ucf_ae_is_the_releases_but_for_the_differences_the_readme_names():
+    """The ucf preset's AE has the README's 47,361,064 parameters: the release's 47,359,510, plus a
+    LayerNorm after the encoder and after the decoder (1,536), and one bias per element in the content-weight
+    and output heads where the release's ConvTranspose2d has one per channel (9 + 9)."""
+    with torch.device("meta"):
+        model = ae.Autoencoder(ae.preset_config("ucf"))
+    params = sum(p.numel() for p in model.parameters())
+    norms = sum(p.numel() for norm in (model.enc_norm, model.dec_norm) for p in norm.parameters())
+    biases = sum(head.bias.numel() - model.config.channels for head in (model.to_weight_logits, model.to_pixels))
+    assert (params, norms, biases, params - norms - biases) == (47_361_064, 1_536, 18, 47_359_510)
+    readme = " ".join((Path(__file__).parent / "README.md").read_text().split())
+    assert "47,361,064 parameters and the release's 47,359,510" in readme
 
 
 def test_release_pixel_loss_is_4_l1_and_4_lpips_of_one_random_frame(vgg_file, tmp_path):
@@ -1020,7 +1037,7 @@ def test_min_snr_weights_match_the_formula_of_hang_et_al():
 
 def test_cfg_scale_one_and_batched_equals_separate(tiny_te):
     torch.manual_seed(0)
-    unet = scratch_unet("tiny", tiny_te.width, sample_size=8).eval()
+    unet = scratch_unet(TINY_UNET, tiny_te.width, sample_size=8).eval()
     model_fn = unet_model_fn(unet)
     cond, _ = tiny_te(["a red circle", "a blue square"])
     uncond, _ = tiny_te(["", ""])
@@ -1146,7 +1163,7 @@ def test_vit_h14_text_tower_on_meta():
 
 def test_sd_folder_loads_offline(tmp_path):
     torch.manual_seed(0)
-    unet = scratch_unet("tiny", 64, sample_size=8).eval()
+    unet = scratch_unet(TINY_UNET, 64, sample_size=8).eval()
     unet.save_pretrained(tmp_path / "unet")
     sd_scheduler("v_prediction", rescale_betas_zero_snr=True).save_pretrained(tmp_path / "scheduler")
     loaded, schedule = load_sd_unet(str(tmp_path))
@@ -1164,7 +1181,7 @@ def test_sd_folder_loads_offline(tmp_path):
 def test_tiny_unet_hears_the_prompt_without_cross_attention():
     # the pooled-prompt path (added to the timestep embedding) alone makes the output prompt-dependent
     torch.manual_seed(0)
-    te, unet = build_text_encoder("tiny"), scratch_unet("tiny", 64, sample_size=8).eval()
+    te, unet = build_text_encoder("tiny"), scratch_unet(TINY_UNET, 64, sample_size=8).eval()
     model_fn = unet_model_fn(unet)
     x, t, tokens = torch.randn(1, 3, 8, 8).expand(2, -1, -1, -1), torch.tensor([500, 500]), te(["a red", "a blue"])[0]
     with torch.no_grad():
@@ -1187,14 +1204,14 @@ def test_sd_folder_without_unet_fails(tmp_path):
 
 def test_build_unet(tmp_path):
     te = build_text_encoder("tiny")
-    unet, schedule = build_unet(content.PRESETS["tiny"], (3, 8, 8), te.width)
+    unet, schedule = build_unet(content.content_config("tiny"), (3, 8, 8), te.width)
     assert unet.config.cross_attention_dim == te.width and Diffusion(**schedule).prediction_type == "v_prediction"
     tokens, _ = te(["a red circle"])
     assert unet_model_fn(unet)(torch.randn(1, 3, 8, 8), torch.tensor([5]), tokens).shape == (1, 3, 8, 8)
     # an SD folder: the schedule comes from its scheduler config; the frame space must match
-    scratch_unet("tiny", te.width, sample_size=8).save_pretrained(tmp_path / "unet")
+    scratch_unet(TINY_UNET, te.width, sample_size=8).save_pretrained(tmp_path / "unet")
     sd_scheduler("epsilon").save_pretrained(tmp_path / "scheduler")
-    config = ContentConfig(sd=str(tmp_path))
+    config = content.content_config("tiny", sd=str(tmp_path))
     assert build_unet(config, (3, 8, 8), te.width)[1]["prediction_type"] == "epsilon"
     with pytest.raises(ValueError, match="takes 3-channel frames"):
         build_unet(config, (4, 8, 8), te.width)
@@ -1257,7 +1274,7 @@ def test_unknown_words_fail_at_sampling_and_are_skipped_in_training():
 
 def test_ucf_unet_on_meta_takes_one_hot_classes():
     with torch.device("meta"):
-        unet = content.scratch_unet("ucf", 101, (64, 64))
+        unet = content.scratch_unet(content.PRESETS["ucf"]["unet"], 101, (64, 64))
         out = unet_model_fn(unet)(torch.empty(2, 3, 64, 64), torch.zeros(2), torch.empty(2, 1, 101))
     assert out.shape == (2, 3, 64, 64) and 400e6 < sum(p.numel() for p in unet.parameters()) < 420e6
 
@@ -1277,7 +1294,7 @@ def test_sd21_unet_on_meta():
 def test_latent_cache_is_reused_and_encoded_again_when_its_source_changes(tmp_path):
     _, trained = train_micro(tmp_path, steps=2)  # the EMA model: frozen, as stages 2 and 3 load it
     frame_space, videos, path = ae.FrameSpace("", "cpu"), micro_dataset(6), tmp_path / "latents.safetensors"
-    items = content.cache_latents(trained, frame_space, videos, path, "cpu", {"ae": "trained"})
+    items = data.cache_latents(trained, frame_space, videos, path, "cpu", {"ae": "trained"})
     content_frames, motion_latents = trained.encode(torch.stack([videos[i][0] for i in range(6)]))
     torch.testing.assert_close(torch.stack([c for c, _, _ in items]), content_frames)
     torch.testing.assert_close(torch.stack([m for _, m, _ in items]), motion_latents)
@@ -1287,10 +1304,10 @@ def test_latent_cache_is_reused_and_encoded_again_when_its_source_changes(tmp_pa
         def encode(self, frames):
             raise AssertionError("encoded again")
 
-    again = content.cache_latents(NoEncoding(), frame_space, videos, path, "cpu", {"ae": "trained"})  # read back
+    again = data.cache_latents(NoEncoding(), frame_space, videos, path, "cpu", {"ae": "trained"})  # read back
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(items, again))
     other = ae.Autoencoder(MICRO).eval()  # another AE: the cache is stale, and encoded again
-    fresh = content.cache_latents(other, frame_space, videos, path, "cpu", {"ae": "other"})
+    fresh = data.cache_latents(other, frame_space, videos, path, "cpu", {"ae": "other"})
     with torch.no_grad():
         torch.testing.assert_close(fresh[0][0], other.encode(videos[0][0][None])[0][0])
     assert not torch.allclose(fresh[0][0], items[0][0])
@@ -1312,12 +1329,12 @@ def test_short_diffusion_training_run_loss_drops(stage, tmp_path):
     te = build_text_encoder("tiny")
     diffusion = Diffusion(prediction_type="v_prediction")
     if stage == "content":
-        model = content.scratch_unet("tiny", te.width, sample_size=8)
+        model = content.scratch_unet(TINY_UNET, te.width, sample_size=8)
 
         def loss_fn(model, batch):
             return diffusion.loss(content.unet_model_fn(model), batch[0], te(list(batch[2]))[0])
     else:
-        model = MotionDiT(replace(motion.PRESETS["tiny"], frames=4, latent_h=2, latent_w=2, latent_dim=4,
+        model = MotionDiT(replace(TINY_DIT, frames=4, latent_h=2, latent_w=2, latent_dim=4,
                                   frame_height=8, frame_width=8, hidden=32, depth=2, heads=2))
 
         def loss_fn(model, batch):
@@ -1341,7 +1358,10 @@ def test_short_diffusion_training_run_loss_drops(stage, tmp_path):
 # motion.py: the motion DiT
 # ==================================================================================================
 
-TINY_DIT = motion.PRESETS["tiny"]  # reads the text tokens too (cross-attention, attention pooling)
+# the tiny preset's DiT for its AE and a 64-wide text encoder: it reads the text tokens too (cross-attention,
+# attention pooling); the paper preset's for its AE and ViT-H-14's text
+TINY_DIT = motion.config_for("tiny", None, ae.preset_config("tiny"), (64, 64))
+PAPER_DIT = motion.config_for("paper", None, ae.preset_config("paper"), (1024, 1024))
 
 
 TINY_DIT_POOLED = replace(TINY_DIT, cross_attention=False, pool_text=False)  # the paper's: the pooled text only
@@ -1408,7 +1428,7 @@ def forward_flops(config, batch):
 
 
 def test_paper_preset_size_and_flops_on_meta():
-    config = motion.PRESETS["paper"]
+    config = PAPER_DIT
     params, flops1 = forward_flops(config, batch=1)
     _, flops2 = forward_flops(config, batch=2)
     print(f"\nmotion DiT paper preset (DiT-XL/2, 384 motion + 128 content tokens): "
@@ -1426,7 +1446,7 @@ def test_paper_preset_size_and_flops_on_meta():
 def test_flops_match_the_papers_training_table():
     # Paper Table 8: motion diffusion, 16 frames at 512x512 (SD latents 64x64), batch 1:
     # 0.14 "TFLOPs" from fvcore, which counts a multiply-add once; FlopCounterMode counts 2.
-    config = replace(motion.PRESETS["paper"], latent_w=32, frame_width=64)
+    config = replace(PAPER_DIT, latent_w=32, frame_width=64)
     _, flops = forward_flops(config, batch=1)
     print(f"\n512x512: {flops / 2e12:.3f} T multiply-adds per forward (paper: 0.14)")
     assert 0.12 < flops / 2e12 < 0.17
@@ -1485,7 +1505,7 @@ def test_wrong_latent_shape_is_a_clear_error():
 
 
 def test_ucf_preset_is_dit_b2_reading_the_class_through_adaln():
-    config = motion.config_for("ucf", None, ae.PRESETS["ucf"], (101, 101))
+    config = motion.config_for("ucf", None, ae.preset_config("ucf"), (101, 101))
     with torch.device("meta"):
         model = MotionDiT(config)
         z, t, content_frame, _, _ = example_inputs(config, 2, device="meta")
@@ -1612,7 +1632,7 @@ def test_missing_default_checkpoint_says_how_to_make_it(tmp_path, capsys, monkey
 
 def test_run_mixing_presets(run_dir, tmp_path, capsys):
     mixed = shutil.copytree(run_dir, tmp_path / "mixed")
-    small = replace(ae.PRESETS["tiny"], height=16, width=16)  # an AE of another preset
+    small = ae.preset_config("tiny", (16, 16))  # an AE of another preset
     data.save_stage(mixed, "ae", ae.Autoencoder(small), 0, asdict(small))
     fails_with(["a red circle", "--run", str(mixed), "--out", str(tmp_path)], capsys, "mixes stages")
 
@@ -1625,6 +1645,35 @@ def test_bad_prompts_and_output_folder(run_dir, tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("")
     fails_with(["a red circle", "--run", str(run_dir), "--out", str(a_file / "out")], capsys, "cannot write")
+
+
+@pytest.mark.parametrize("stage", [ae, content, motion])
+def test_a_preset_row_sets_the_flags_it_names_and_no_other(stage, monkeypatch):
+    """Each flag of `--preset P` is P's row value where the row names it, else the flag's own default: no
+    row lends another its values (the tiny row's cosine decay, middle-frame pull and no EMA once did)."""
+    class Parsed(Exception):
+        pass
+
+    def parse(parser, *args):
+        defaults = {action.dest: action.default for action in parser._actions}
+        raise Parsed(defaults, data.parse_stage_args(parser, *args))
+    monkeypatch.setattr(stage, "parse_stage_args", parse)
+    for preset, row in stage.PRESETS.items():
+        with pytest.raises(Parsed) as parsed:
+            stage.main(["--preset", preset, "--flops"])
+        defaults, args = parsed.value.args
+        for flag, default in defaults.items():
+            if flag not in ("preset", "flops", "out", "help"):
+                assert getattr(args, flag) == row.get(flag, default), (preset, flag)
+        assert args.out == f"runs/{preset}"
+    assert stage.PRESETS["paper"].get("decay") is None and stage.PRESETS["paper"].get("ema_decay") in (None, 0.0)
+
+
+def test_the_quick_start_samples_from_the_shipped_checkpoint(tmp_path):
+    """The README's first command on checkpoints/shapes-tiny, as it ships: the video shows what it asks for."""
+    sample.main(["a red circle moving left on a dark background", "--out", str(tmp_path)])
+    video = data.read_video(tmp_path / "a-red-circle-moving-left-on-a-dark-background-0.mp4")
+    assert video.shape == (16, 32, 32, 3) and shapes.detect(video) == ("red", "circle", "left", "dark")
 
 
 def test_command_line_error_has_no_traceback(tmp_path):
@@ -1659,7 +1708,7 @@ def test_bad_paper_input_is_one_line_before_any_run_directory(tmp_path, capsys):
     # text weights of another model: a 32-wide tower where the config asks for 64
     ae_run = tmp_path / "ae-run"
     ae_run.mkdir()
-    data.save_stage(ae_run, "ae", ae.Autoencoder(ae.PRESETS["tiny"]), 0, asdict(ae.PRESETS["tiny"]))
+    data.save_stage(ae_run, "ae", ae.Autoencoder(ae.preset_config("tiny")), 0, asdict(ae.preset_config("tiny")))
     weights = paper_check.write_text_checkpoint(tmp_path / "clip.pt", paper_check.TOY_TEXT)
     (tmp_path / "wide.json").write_text(json.dumps({**TINY_TEXT_CONFIG, "vision_cfg": {}}))
     fails_with(["--ae", str(ae_run), "--out", str(out), "--text", str(tmp_path / "wide.json"),
@@ -1824,11 +1873,11 @@ def test_flops_count_at_the_sizes_of_the_run_ae_names(tmp_path, capsys):
     without --ae, the preset's, said in one line."""
     run = tmp_path / "p"
     run.mkdir()
-    config = ae.config_at(ae.PRESETS["tiny"], (64, 128))
+    config = ae.preset_config("tiny", (64, 128))
     data.save_stage(run, "ae", ae.Autoencoder(config), 0, asdict(config))
     content.save_text_encoder(content.BagOfWords({"words": ["a", "blob", "drifting"]}), run)
     with torch.device("meta"):
-        unet = content.scratch_unet("tiny", 3, (64, 128), 3)
+        unet = content.scratch_unet(TINY_UNET, 3, (64, 128), 3)
     dit, dit_loss = motion.training_step(motion.config_for("tiny", None, config, (3, 3)), text_len=1)
     expected = {content: (sum(p.numel() for p in unet.parameters()),
                           data.count_flops(lambda: content.training_step(unet, (3, 64, 128), (1, 3))().backward())[0]),
@@ -1941,6 +1990,7 @@ def test_a_still_content_frame_and_the_cleanliness_measures_read_real_frames():
     ghosted = video.copy()
     ghosted[4:8, :, 1:3] = data.COLORS[colour]  # a bar of its colour at the left, in frames 4 to 7
     assert shapes.ghost_share(ghosted, colour) == 4 / 16
+    assert shapes.ghost_frames(ghosted, colour).nonzero()[0].tolist() == [4, 5, 6, 7]  # which frames
 
 
 def test_eval_specs_cover_held_out_and_background():
@@ -1987,6 +2037,7 @@ def test_shapes_evaluation_scores_an_oracle_1_and_a_blank_generator_0(run_dir, m
         assert "| real videos | 8 | 1.000 | 1.000 | 1.000 | 1.000 |" in lines
         assert summary["real_speckle"] == summary["real_ghosts"] == 0
         assert summary["speckle"] == 0 and summary["ghosts"] == 0  # the oracle's, and a blank video's
+        assert summary["ghosts_by_frame"] == [0] * 16 and set(summary["ghosts_by_motion"].values()) == {0}
 
 
 def test_motion_transfer_evaluation_scores_an_oracle(run_dir, monkeypatch, capsys):
@@ -2020,8 +2071,10 @@ TINY_SETUP = dict(
                 up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), attention_head_dim=8, cross_attention_dim=16),
     vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
              norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
-    ae=ae.AEConfig(frames=4, channels=4, patch=2, hidden=16, heads=2, encoder_depth=1, decoder_depth=1, motion_dim=4),
-    motion=MotionConfig(frames=4, content_patch=4, text_dim=16, pooled_dim=16, hidden=16, depth=1, heads=2),
+    ae=replace(ae.preset_config("tiny"), frames=4, channels=4, patch=2, hidden=16, heads=2, encoder_depth=1,
+               decoder_depth=1, motion_dim=4),
+    motion=replace(motion.config_for("tiny", None, ae.preset_config("tiny"), (16, 16)), frames=4, hidden=16, depth=1,
+                   heads=2),
     sample_latent=(8, 16), train_latent=(8, 8), content_steps=2, motion_steps=3, text_len=77, cfg_scale=7.5,
     frames_at_once=4,
 )

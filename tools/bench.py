@@ -77,7 +77,7 @@ MODELSCOPE_UNET_CONFIG = dict(
 # preset and the DiT to fit.
 PAPER_SETUP = dict(
     unet=SD21_UNET_CONFIG, unet3d=MODELSCOPE_UNET_CONFIG, vae=SD21_VAE_CONFIG,
-    ae=ae.PRESETS["paper"], motion=motion.PRESETS["paper"],
+    ae=ae.preset_config("paper"), motion=motion.config_for("paper", None, ae.preset_config("paper"), (1024, 1024)),
     sample_latent=(64, 128), train_latent=(64, 64), content_steps=50, motion_steps=50, text_len=77, cfg_scale=7.5,
     frames_at_once=ae.FrameSpace().frames_at_once,  # the SD VAE's batch of frames, as sample.py decodes
 )
@@ -259,24 +259,24 @@ PEAK_TFLOPS = {"NVIDIA H200": 989, "NVIDIA H100 80GB HBM3": 989, "NVIDIA A100-SX
 
 def preset_models(preset, device, resolution=None):
     """sample.Models of a preset, random weights at its sizes (the paper's: SD 2.1, ViT-H-14, DiT-XL/2)."""
-    a = ae.config_at(ae.PRESETS[preset], resolution) if resolution else ae.PRESETS[preset]
+    a = ae.preset_config(preset, resolution)
     c = content.PRESETS[preset]
     with torch.device(device):
-        if c.text in ("words", "classes"):
-            text_encoder = content.BagOfWords({"words": WORDS} if c.text == "words"
+        if c["text"] in ("words", "classes"):
+            text_encoder = content.BagOfWords({"words": WORDS} if c["text"] == "words"
                                               else {"classes": [f"class {k}" for k in range(101)]})
         else:
-            text_encoder = content.TextEncoder(content.text_config(c.text))
-        unet = (UNet2DConditionModel(**SD21_UNET_CONFIG) if c.sd else
-                content.scratch_unet(c.unet, text_encoder.width, (a.height, a.width), a.channels))
+            text_encoder = content.TextEncoder(content.text_config(c["text"]))
+        unet = (UNet2DConditionModel(**SD21_UNET_CONFIG) if c["sd"] else
+                content.scratch_unet(c["unet"], text_encoder.width, (a.height, a.width), a.channels))
         dit = MotionDiT(motion.config_for(preset, None, a, (text_encoder.width, text_encoder.embed_dim)))
         frame_space = sd_frame_space(AutoencoderKL(**SD21_VAE_CONFIG), ae.FrameSpace().frames_at_once) if a.sd \
             else ae.FrameSpace()
         autoencoder = ae.Autoencoder(a)
     nets = [net.eval().requires_grad_(False) for net in (text_encoder, unet, dit, autoencoder)]
     diffusion = Diffusion(prediction_type="v_prediction")
-    return Models(nets[0], nets[1], diffusion, nets[2], diffusion, nets[3], frame_space, c.cfg_scale,
-                  dit.config.cfg_scale, c.sample_steps, dit.config.sample_steps)
+    return Models(nets[0], nets[1], diffusion, nets[2], diffusion, nets[3], frame_space, c["cfg_scale"],
+                  dit.config.cfg_scale, c["sample_steps"], dit.config.sample_steps)
 
 
 def timed(fn, device, runs):

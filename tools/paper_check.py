@@ -28,7 +28,6 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import lpips
@@ -117,12 +116,13 @@ A100_OVER_THIS = {"NVIDIA H200": 312 / 989, "NVIDIA H100 80GB HBM3": 312 / 989} 
 def ucf_training_steps(device, toy):
     """{stage: batch -> (model, loss())}: each ucf stage's own training_step, at 64x64 (toy: 16x16, LPIPS's
     least, the tiny UNet and DiT); the AE's loss with LPIPS on a random VGG16 (its cost matters here)."""
-    frames = replace(ae.PRESETS["ucf"], height=16, width=16) if toy else ae.PRESETS["ucf"]
+    frames = ae.preset_config("ucf", (16, 16) if toy else None)
     perceptual = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).to(device).eval().requires_grad_(False)
     dit = motion.config_for("ucf", "tiny" if toy else None, frames, (101, 101))  # UCF-101's 101 classes
 
     def content_step(batch):
-        unet = content.scratch_unet("tiny" if toy else "ucf", 101, (frames.height, frames.width)).to(device)
+        shape = content.PRESETS["tiny" if toy else "ucf"]["unet"]
+        unet = content.scratch_unet(shape, 101, (frames.height, frames.width)).to(device)
         return unet, content.training_step(unet, (3, frames.height, frames.width), (1, 101), device, batch)
     return {"ae": lambda batch: ae.training_step(frames, device, batch, ae.release_pixel_loss(perceptual)),
             "content": content_step,

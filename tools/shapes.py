@@ -140,14 +140,19 @@ def speckle(video):
     return float(np.mean(deviations)) if deviations else float("nan")
 
 
-def ghost_share(video, colour):
-    """The share of frames in which `colour` forms more than one blob (8-connected pixels mostly of that
-    colour, two or more of them): a shape split in two, or a ghost left where it was."""
+def ghost_frames(video, colour):
+    """For each frame, whether `colour` forms more than one blob in it (8-connected pixels mostly of that
+    colour, two or more of them): a shape split in two, or a ghost left where it was. -> bool (L,)"""
     background = background_rows(video)  # (H, 3)
     towards = np.array(COLORS[colour], np.float64) - background
     alpha = ((video - background[:, None]) * towards[:, None]).sum(-1) / (towards ** 2).sum(-1)[:, None]
     blobs = [ndimage.label(frame > 0.5, structure=np.ones((3, 3)))[0] for frame in alpha]
-    return float(np.mean([(np.bincount(labels.ravel())[1:] >= 2).sum() > 1 for labels in blobs]))
+    return np.array([(np.bincount(labels.ravel())[1:] >= 2).sum() > 1 for labels in blobs])
+
+
+def ghost_share(video, colour):
+    """The share of frames with a ghost (ghost_frames)."""
+    return float(ghost_frames(video, colour).mean())
 
 
 
@@ -241,6 +246,14 @@ def evaluate_shapes(models, n, sampling, generator, autocast, device, batch_size
         summary[f"{prefix}ghosts"] = float(np.mean([ghost_share(v, spec[0]) for v, spec in zip(videos[key], specs)]))
         shown = "-" if summary[f"{prefix}speckle"] is None else f"{summary[f'{prefix}speckle']:.2f}"
         print(f"| {name} | {shown} | {summary[f'{prefix}ghosts']:.3f} |")
+    # Where the generated videos' ghosts are: by frame index (the content frame is pulled to the middle
+    # one, data.TURN) and by the prompted motion.
+    ghosts = np.stack([ghost_frames(video, spec[0]) for video, spec in zip(videos["generated"], specs)])
+    summary["ghosts_by_frame"] = [round(float(x), 4) for x in ghosts.mean(0)]
+    summary["ghosts_by_motion"] = {m: round(float(ghosts[[s[2] == m for s in specs]].mean()), 4)
+                                   for m in MOTIONS if m in {s[2] for s in specs}}
+    print("\nframes with ghosts, generated, by frame index:", " ".join(f"{x:.2f}" for x in summary["ghosts_by_frame"]))
+    print("by motion:", ", ".join(f"{m} {x:.3f}" for m, x in summary["ghosts_by_motion"].items()))
     return summary, {"generated": videos["generated"], "real": videos["real"]}
 
 
