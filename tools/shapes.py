@@ -239,8 +239,8 @@ def evaluate_shapes(models, n, sampling, generator, autocast, device, batch_size
                                                          for k in ATTRIBUTES) + " |")
         summary.update({f"{prefix}{k}_acc": x for k, x in scores.items()})
     print("\n| videos | background speckle (0-255) | frames with ghosts |\n|---|---|---|")
-    for name, key, prefix in (("generated", "generated", ""), ("AE reconstructions", "ae", "ae_"),
-                              ("real videos", "real", "real_")):
+    for name, key, prefix in (("generated", "generated", ""), ("motion stage alone", "motion", "motion_"),
+                              ("AE reconstructions", "ae", "ae_"), ("real videos", "real", "real_")):
         speckles = [s for s in map(speckle, videos[key]) if not np.isnan(s)]  # the videos with a background
         summary[f"{prefix}speckle"] = float(np.mean(speckles)) if speckles else None
         summary[f"{prefix}ghosts"] = float(np.mean([ghost_share(v, spec[0]) for v, spec in zip(videos[key], specs)]))
