@@ -1666,6 +1666,7 @@ def test_a_preset_row_sets_the_flags_it_names_and_no_other(stage, monkeypatch):
             if flag not in ("preset", "flops", "out", "help"):
                 assert getattr(args, flag) == row.get(flag, default), (preset, flag)
         assert args.out == f"runs/{preset}"
+    assert stage.PRESETS["paper"].get("decay") is None and stage.PRESETS["paper"].get("ema_decay") in (None, 0.0)
 
 
 def test_the_quick_start_samples_from_the_shipped_checkpoint(tmp_path):
